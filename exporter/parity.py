@@ -1,0 +1,181 @@
+"""Parity: does the artifact compute what the trained model computes?
+
+Four checks, one report (docs/parity.md explains each):
+- tokenizer: the shipped tokenizer, as the device runtime reads it, against the source one;
+- lowering: artifact vs the quantized eager model (same math, tight thresholds);
+- quality: artifact vs the float model (KL divergence, top-1 agreement, perplexity);
+- greedy: free-running greedy generation of the artifact vs the float model.
+Lowering and quality are teacher-forced: every runner gets the float model's greedy
+tokens, so one early divergence does not compound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from exporter.runners import Runner, greedy
+from exporter.spec import ParitySpec
+
+
+@dataclass(kw_only=True)
+class ParityReport:
+    passed: bool
+    failures: list[str]
+    lowering: dict
+    quality: dict
+    greedy: dict
+    tokenizer: dict
+    compared: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def teacher_forced_logits(runner: Runner, prompt: Sequence[int], continuation: Sequence[int]) -> np.ndarray:
+    """Logits after the prompt and after each continuation token but the last: [len(cont), vocab]."""
+    rows = [runner.prefill(list(prompt))]
+    for i, token in enumerate(continuation[:-1]):
+        rows.append(runner.decode(int(token), len(prompt) + i))
+    return np.stack(rows)
+
+
+def lowering_metrics(candidate: np.ndarray, reference: np.ndarray) -> dict:
+    diff = np.abs(candidate.astype(np.float64) - reference.astype(np.float64))
+    num = (candidate * reference).sum(-1, dtype=np.float64)
+    den = np.linalg.norm(candidate.astype(np.float64), axis=-1) * np.linalg.norm(reference.astype(np.float64), axis=-1)
+    cosine = num / np.maximum(den, 1e-30)
+    return {
+        "max_abs_diff": float(diff.max()),
+        "cosine_min": float(cosine.min()),
+        "top1_agreement": float((candidate.argmax(-1) == reference.argmax(-1)).mean()),
+        "positions": int(candidate.shape[0]),
+    }
+
+
+def quality_metrics(candidate: np.ndarray, reference: np.ndarray) -> dict:
+    ref_lp, cand_lp = log_softmax(reference), log_softmax(candidate)
+    kl = (np.exp(ref_lp) * (ref_lp - cand_lp)).sum(-1)  # KL(float || artifact), as llama.cpp reports
+    return {
+        "kl_mean": float(kl.mean()),
+        "kl_p99": float(np.percentile(kl, 99)),
+        "kl_max": float(kl.max()),
+        "top1_agreement": float((candidate.argmax(-1) == reference.argmax(-1)).mean()),
+        "positions": int(candidate.shape[0]),
+    }
+
+
+def perplexity(runner: Runner, tokens: Sequence[int]) -> float:
+    """exp(mean NLL) of tokens[1:], fed one at a time (the programs return last-token logits)."""
+    nll = []
+    logits = runner.prefill([tokens[0]])
+    for pos in range(1, len(tokens)):
+        nll.append(-log_softmax(logits)[tokens[pos]])
+        if pos < len(tokens) - 1:
+            logits = runner.decode(int(tokens[pos]), pos)
+    return float(np.exp(np.mean(nll)))
+
+
+def first_divergence(a: Sequence[int], b: Sequence[int]) -> int:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b)) if len(a) != len(b) else len(a)
+
+
+def check_parity(*, candidate: Runner, quantized_reference: Runner, float_reference: Runner,
+                 prompts: Sequence[Sequence[int]], heldout: Sequence[int], tokenizer_report: dict,
+                 spec: ParitySpec, eos_ids: set[int], on_step: Callable[[str], None] = lambda s: None) -> ParityReport:
+    cand_rows, quant_rows, float_rows = [], [], []
+    greedy_exact, greedy_first, greedy_token_match = [], [], []
+    for i, prompt in enumerate(prompts):
+        on_step(f"prompt {i + 1}/{len(prompts)}")
+        # The float model's greedy tokens (EOS not honoured) drive every teacher-forced run.
+        steps = spec.decode_steps + 1
+        continuation = greedy(float_reference, list(prompt), steps, eos_ids=set())
+        float_rows.append(teacher_forced_logits(float_reference, prompt, continuation))
+        quant_rows.append(teacher_forced_logits(quantized_reference, prompt, continuation))
+        cand_rows.append(teacher_forced_logits(candidate, prompt, continuation))
+        expected = _until_eos(continuation, eos_ids)[: spec.greedy_tokens]
+        produced = greedy(candidate, list(prompt), spec.greedy_tokens, eos_ids)
+        greedy_exact.append(produced == expected)
+        greedy_first.append(first_divergence(produced, expected))
+        n = max(len(expected), len(produced), 1)
+        greedy_token_match.append(sum(x == y for x, y in zip(produced, expected)) / n)
+    cand, quant, flt = (np.concatenate(rows) for rows in (cand_rows, quant_rows, float_rows))
+
+    on_step("perplexity on the held-out text")
+    lowering = lowering_metrics(cand, quant)
+    quality = quality_metrics(cand, flt)
+    quality["ppl_reference"] = perplexity(float_reference, heldout)
+    quality["ppl_candidate"] = perplexity(candidate, heldout)
+    quality["heldout_tokens"] = len(heldout)
+    greedy_report = {
+        "exact_match_rate": float(np.mean(greedy_exact)),
+        "first_divergence_min": int(min(greedy_first)),
+        "token_match_rate": float(np.mean(greedy_token_match)),
+        "tokens_per_prompt": spec.greedy_tokens,
+        "prompts": len(prompts),
+    }
+    failures = gate_failures(spec, lowering, quality, greedy_report, tokenizer_report)
+    return ParityReport(passed=not failures, failures=failures, lowering=lowering, quality=quality,
+                        greedy=greedy_report, tokenizer=tokenizer_report,
+                        compared={"candidate": candidate.name, "lowering_reference": quantized_reference.name,
+                                  "quality_reference": float_reference.name, "prompts": len(prompts),
+                                  "decode_steps": spec.decode_steps})
+
+
+def _until_eos(tokens: Sequence[int], eos_ids: set[int]) -> list[int]:
+    out = []
+    for t in tokens:
+        if t in eos_ids:
+            break
+        out.append(int(t))
+    return out
+
+
+def gate_failures(spec: ParitySpec, lowering: dict, quality: dict, greedy_report: dict, tokenizer: dict) -> list[str]:
+    """One sentence per failed gate, naming the threshold and the value seen."""
+    checks = [
+        (lowering["max_abs_diff"] <= spec.lowering_max_abs_diff,
+         f"lowering: max abs logit difference {lowering['max_abs_diff']:.3g} exceeds parity.lowering_max_abs_diff {spec.lowering_max_abs_diff:g}"),
+        (lowering["cosine_min"] >= spec.lowering_cosine_min,
+         f"lowering: minimum cosine {lowering['cosine_min']:.6f} is below parity.lowering_cosine_min {spec.lowering_cosine_min:g}"),
+        (lowering["top1_agreement"] >= spec.lowering_top1_min,
+         f"lowering: top-1 agreement {lowering['top1_agreement']:.2%} is below parity.lowering_top1_min {spec.lowering_top1_min:.2%}"),
+        (quality["top1_agreement"] >= spec.quality_top1_min,
+         f"quality: top-1 agreement with the float model {quality['top1_agreement']:.2%} is below parity.quality_top1_min {spec.quality_top1_min:.2%}"),
+        (quality["kl_mean"] <= spec.quality_kl_mean_max,
+         f"quality: mean KL divergence from the float model {quality['kl_mean']:.4g} exceeds parity.quality_kl_mean_max {spec.quality_kl_mean_max:g}"),
+        (greedy_report["exact_match_rate"] >= spec.greedy_exact_match_min,
+         f"greedy: exact-match rate {greedy_report['exact_match_rate']:.2%} is below parity.greedy_exact_match_min {spec.greedy_exact_match_min:.2%}"),
+        (tokenizer["mismatches"] == 0,
+         f"tokenizer: {tokenizer['mismatches']} of {tokenizer['texts']} texts encode or decode differently with the shipped tokenizer"),
+    ]
+    return [message for ok, message in checks if not ok]
+
+
+def tokenizer_parity(source, shipped_encode: Callable[[str], list[int]], shipped_decode: Callable[[list[int]], str],
+                     corpus: Sequence[str]) -> dict:
+    """Encode and decode every text with both tokenizers; any difference is a mismatch."""
+    examples = []
+    mismatches = 0
+    for text in corpus:
+        expected_ids = source.encode(text, add_special_tokens=False)
+        got_ids = list(shipped_encode(text))
+        expected_text = source.decode(expected_ids)
+        got_text = shipped_decode(expected_ids)
+        if got_ids != expected_ids or got_text != expected_text:
+            mismatches += 1
+            if len(examples) < 3:
+                examples.append({"text": text, "source_ids": expected_ids[:32], "shipped_ids": got_ids[:32],
+                                 "source_decoded": expected_text, "shipped_decoded": got_text})
+    return {"texts": len(corpus), "mismatches": mismatches, "examples": examples}

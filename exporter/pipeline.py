@@ -1,0 +1,229 @@
+"""The stage order. Only this module knows it; every stage is a plain function elsewhere.
+
+export:  load_model -> build_decoder -> apply_quantization -> backend.lower -> manifest
+verify:  artifact runner vs rebuilt quantized eager model vs float model -> parity.json
+bench:   artifact -> bench.json
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from exporter import artifact as art
+from exporter.backends import get_backend
+from exporter.errors import RecgptError, StageError, UsageError
+from exporter.recipe_io import recipe_to_dict
+from exporter.spec import ExportRecipe
+
+Progress = Callable[[str], None]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass
+class Stage:
+    """Times a stage and re-raises unexpected failures as StageError(stage=..., target=...)."""
+
+    name: str
+    target: str
+    timings: dict
+    progress: Progress
+
+    def __enter__(self):
+        self.progress(self.name)
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.timings[self.name] = round(time.perf_counter() - self._t0, 3)
+        if exc is None or isinstance(exc, (RecgptError, KeyboardInterrupt)):
+            return False
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise StageError(f"stage {self.name} failed for target {self.target}: {type(exc).__name__}: {first_line}",
+                         stage=self.name, target=self.target,
+                         hint="rerun with --debug for the traceback") from exc
+
+
+def model_metadata(loaded, recipe: ExportRecipe) -> dict:
+    """What the on-device runner needs to know, stored as constant methods / manifest fields."""
+    config, tokenizer = loaded.config, loaded.tokenizer
+    eos = config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        eos_ids.add(tokenizer.eos_token_id)
+    bos = config.bos_token_id if config.bos_token_id is not None else tokenizer.bos_token_id
+    return {
+        "architecture": loaded.architecture,
+        "vocab_size": config.vocab_size,
+        "n_layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "max_seq_len": recipe.kv_cache.max_seq_len,
+        "max_prefill_len": recipe.kv_cache.max_prefill_len,
+        "bos_id": -1 if bos is None else int(bos),
+        "eos_ids": sorted(int(e) for e in eos_ids),
+    }
+
+
+def build_quantized(loaded, recipe: ExportRecipe, backend):
+    """Decoder with the recipe's cache and quantization applied, as the backend will store it."""
+    from exporter.decoder import build_decoder
+    from exporter.kv_cache import load_custom_ops
+    from exporter.quantize import apply_quantization, round_group_scales
+
+    if recipe.kv_cache.attention == "custom_sdpa" or recipe.kv_cache.cache_update == "custom":
+        load_custom_ops()
+    lm = build_decoder(loaded.model, max_seq_len=recipe.kv_cache.max_seq_len,
+                       max_prefill_len=recipe.kv_cache.max_prefill_len,
+                       attention=recipe.kv_cache.attention, cache_update=recipe.kv_cache.cache_update)
+    summary = apply_quantization(lm, recipe.quant)
+    scale_dtype = getattr(backend, "group_scale_dtype", None)
+    if scale_dtype is not None:
+        round_group_scales(lm, scale_dtype)
+    return lm, summary
+
+
+def export(recipe: ExportRecipe, *, out_dir: Path, model: str | None = None, force: bool = False,
+           progress: Progress = _quiet) -> Path:
+    backend = get_backend(recipe.target.name)
+    backend.validate(recipe)
+    source = model or recipe.model.source
+    timings: dict = {}
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise UsageError(f"{out_dir} already exists", hint="choose another --out or pass --force to replace it")
+    from exporter.load import load_model, weights_digest
+
+    with art.atomic_dir(out_dir, overwrite=force) as tmp:
+        with Stage("load", backend.name, timings, progress):
+            loaded = load_model(source, on_progress=progress)
+        meta = model_metadata(loaded, recipe)
+        with Stage("quantize", backend.name, timings, progress):
+            lm, summary = build_quantized(loaded, recipe, backend)
+        with Stage("lower", backend.name, timings, progress):
+            lowered = backend.lower(lm, metadata=runtime_constants(meta, recipe), out_dir=tmp, on_stage=progress)
+        with Stage("write", backend.name, timings, progress):
+            for name in TOKENIZER_FILES:
+                if (loaded.checkpoint_dir / name).is_file():
+                    shutil.copy2(loaded.checkpoint_dir / name, tmp / name)
+            from exporter.capture import io_signature
+
+            manifest = {
+                "manifest_version": art.MANIFEST_VERSION,
+                "name": recipe.name,
+                "created": art.now_iso(),
+                "recipe": recipe_to_dict(recipe),
+                "model": {"source": source, "checkpoint_dir": str(loaded.checkpoint_dir),
+                          "weights_sha256": weights_digest(loaded.checkpoint_dir), **meta},
+                "target": {"name": backend.name, "backend": recipe.target.backend},
+                "roles": {**lowered["roles"], "tokenizer": "tokenizer.json"},
+                "io_signature": io_signature(lm),
+                "quantization": summary.to_dict(),
+                "runtime_constants": runtime_constants(meta, recipe),
+                "environment": art.environment(),
+                "timings_s": {**timings, **{f"lower.{k}": round(v, 3) for k, v in lowered["timings"].items()}},
+            }
+            manifest["files"] = art.file_table(tmp)
+            art.write_json_atomic(tmp / art.MANIFEST, manifest)
+    return out_dir
+
+
+def runtime_constants(meta: dict, recipe: ExportRecipe) -> dict:
+    """Constant methods ExecuTorch's LLM runner reads from the program (names are its contract)."""
+    return {
+        "get_max_seq_len": meta["max_seq_len"],
+        "get_max_context_len": meta["max_seq_len"],
+        "get_vocab_size": meta["vocab_size"],
+        "get_n_layers": meta["n_layers"],
+        "get_bos_id": meta["bos_id"],
+        "get_eos_ids": meta["eos_ids"],
+        "use_kv_cache": True,
+        "enable_dynamic_shape": True,
+        "use_sdpa_with_kv_cache": recipe.kv_cache.attention == "custom_sdpa",
+    }
+
+
+def recipe_of(artifact) -> ExportRecipe:
+    from exporter.recipe_io import recipe_from_dict
+
+    return recipe_from_dict(artifact.manifest["recipe"])
+
+
+def verify(folder: Path, *, model: str | None = None, progress: Progress = _quiet) -> dict:
+    """Run every parity check on an artifact; write DIR/parity.json and return it."""
+    from exporter.load import load_model
+    from exporter.parity import check_parity, tokenizer_parity
+    from exporter.prompts import BEHAVIOUR_PROMPTS, HELDOUT_TEXT, TOKENIZER_CORPUS
+    from exporter.runners import EagerRunner, TransformersRunner
+
+    artifact = art.read_artifact(folder)
+    recipe = recipe_of(artifact)
+    backend = get_backend(artifact.target)
+    meta = artifact.manifest["model"]
+    timings: dict = {}
+    with Stage("load", backend.name, timings, progress):
+        loaded = load_model(model or meta["source"], on_progress=progress)
+        candidate = backend.load_runner(artifact)
+    with Stage("reference", backend.name, timings, progress):
+        lm, _ = build_quantized(loaded, recipe, backend)
+    with Stage("tokenizer", backend.name, timings, progress):
+        encode, decode = backend.shipped_tokenizer(artifact)
+        tok_report = tokenizer_parity(loaded.tokenizer, encode, decode, TOKENIZER_CORPUS)
+    tok = loaded.tokenizer
+    room = recipe.kv_cache.max_seq_len - recipe.parity.decode_steps - 2
+    prompts = [tok.encode(p, add_special_tokens=False)[:room] for p in _cycle(BEHAVIOUR_PROMPTS, recipe.parity.prompts)]
+    heldout = tok.encode(HELDOUT_TEXT, add_special_tokens=False)[: min(128, recipe.kv_cache.max_seq_len)]
+    with Stage("parity", backend.name, timings, progress):
+        report = check_parity(
+            candidate=candidate, quantized_reference=EagerRunner(lm, name="quantized eager (torch)"),
+            float_reference=TransformersRunner(loaded.model, name="float (transformers)"),
+            prompts=prompts, heldout=heldout, tokenizer_report=tok_report, spec=recipe.parity,
+            eos_ids=set(meta["eos_ids"]), on_step=progress,
+        ).to_dict()
+    report["compared"].update(device="host", runtime=backend.runtime_name(),
+                              environment=art.environment(), artifact=artifact.manifest["name"])
+    report["timings_s"] = timings
+    art.write_json_atomic(Path(folder) / "parity.json", report)
+    return report
+
+
+def _cycle(items, n):
+    return [items[i % len(items)] for i in range(n)]
+
+
+def bench(folder: Path, *, runs: int | None = None, warmup: int | None = None, threads: int | None = None,
+          progress: Progress = _quiet) -> dict:
+    from dataclasses import replace
+
+    from exporter.bench import run_bench
+
+    artifact = art.read_artifact(folder)
+    spec = recipe_of(artifact).bench
+    overrides = {k: v for k, v in dict(runs=runs, warmup=warmup, threads=threads).items() if v is not None}
+    spec = replace(spec, **overrides)
+    report = run_bench(artifact, get_backend(artifact.target), spec, progress=progress)
+    art.write_json_atomic(Path(folder) / "bench.json", report)
+    return report
+
+
+def generate(folder: Path, prompt: str, *, max_new_tokens: int = 64) -> str:
+    from exporter.runners import greedy
+
+    artifact = art.read_artifact(folder)
+    backend = get_backend(artifact.target)
+    encode, decode = backend.shipped_tokenizer(artifact)
+    meta = artifact.manifest["model"]
+    ids = encode(prompt)
+    if not ids:
+        raise UsageError("the prompt encodes to no tokens")
+    budget = meta["max_seq_len"] - len(ids)
+    if budget <= 0:
+        raise UsageError(f"the prompt has {len(ids)} tokens; this artifact holds at most {meta['max_seq_len'] - 1}")
+    tokens = greedy(backend.load_runner(artifact), ids, min(max_new_tokens, budget), set(meta["eos_ids"]))
+    return decode(tokens)

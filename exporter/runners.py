@@ -1,0 +1,107 @@
+"""Runners: one interface over an eager torch model and every artifact kind.
+
+A runner holds a KV cache. ``prefill(tokens)`` starts a sequence at position 0 and returns
+the last token's logits; ``decode(token, pos)`` feeds one token at ``pos``. Logits are
+float32 NumPy vectors of vocabulary size, so parity code never touches a framework.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import numpy as np
+
+
+class Runner(Protocol):
+    name: str
+    max_prefill_len: int
+
+    def prefill(self, tokens: Sequence[int]) -> np.ndarray: ...
+
+    def decode(self, token: int, pos: int) -> np.ndarray: ...
+
+
+class ChunkedPrefillMixin:
+    """Prefill longer than max_prefill_len runs in chunks; the cache carries across them."""
+
+    max_prefill_len: int
+
+    def _step(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
+        if not tokens:
+            raise ValueError("prefill needs at least one token")
+        logits = None
+        for start in range(0, len(tokens), self.max_prefill_len):
+            logits = self._step(tokens[start : start + self.max_prefill_len], start)
+        return logits
+
+    def decode(self, token: int, pos: int) -> np.ndarray:
+        return self._step([token], pos)
+
+
+class EagerRunner(ChunkedPrefillMixin):
+    """Our StaticCacheLM in eager torch (float or quantized): the lowering reference."""
+
+    def __init__(self, lm, name: str = "eager") -> None:
+        self.lm = lm
+        self.name = name
+        self.max_prefill_len = lm.max_prefill_len
+
+    def _step(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            out = self.lm(torch.tensor([list(tokens)], dtype=torch.long), torch.tensor([start_pos], dtype=torch.long))
+        return out[0].float().numpy()
+
+
+class TransformersRunner:
+    """The trained model exactly as transformers runs it (dynamic cache): the float reference."""
+
+    def __init__(self, hf_model, name: str = "float") -> None:
+        self.model = hf_model
+        self.name = name
+        self.max_prefill_len = 1 << 30
+        self._cache = None
+        self._pos = 0
+
+    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
+        from transformers import DynamicCache
+
+        self._cache = DynamicCache(config=self.model.config)
+        self._pos = 0
+        return self._forward(list(tokens))
+
+    def decode(self, token: int, pos: int) -> np.ndarray:
+        if pos != self._pos:
+            raise ValueError(f"TransformersRunner decodes in order: expected pos {self._pos}, got {pos}")
+        return self._forward([token])
+
+    def _forward(self, tokens: list[int]) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            out = self.model(
+                input_ids=torch.tensor([tokens], dtype=torch.long),
+                past_key_values=self._cache, use_cache=True, logits_to_keep=1,
+            )
+        self._cache = out.past_key_values
+        self._pos += len(tokens)
+        return out.logits[0, -1].float().numpy()
+
+
+def greedy(runner, prompt: list[int], max_new_tokens: int, eos_ids: set[int]) -> list[int]:
+    """Greedy decoding through any Runner; stops at an EOS id (not included) or the budget."""
+    logits = runner.prefill(prompt)
+    out: list[int] = []
+    pos = len(prompt)
+    for _ in range(max_new_tokens):
+        token = int(np.argmax(logits))
+        if token in eos_ids:
+            break
+        out.append(token)
+        logits = runner.decode(token, pos)
+        pos += 1
+    return out

@@ -1,0 +1,179 @@
+"""The recipe as typed, frozen data.
+
+Every field a recipe may set lives here with its default. Cross-field checks run in
+``__post_init__`` and raise ``RecipeError`` naming the dotted path, so a recipe is either
+valid as a whole or refused before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from exporter.errors import RecipeError
+
+SCHEMA_VERSION = 1
+
+# Linear schemes. "int8_weight" (weight-only) is a valid scheme for targets that run it
+# correctly; ExecuTorch/XNNPACK refuses it (see backends/executorch.py).
+LINEAR_SCHEMES = ("float", "int8_weight", "int8_dynact_int8_weight", "int8_dynact_int4_weight")
+EMBEDDING_SCHEMES = ("float", "int8_weight", "int4_weight")
+MODULE_KINDS = ("linear", "embedding", "any")
+GROUP_SIZES = (32, 64, 128)
+DTYPES = ("float32",)
+
+
+def _fail(path: str, message: str) -> None:
+    raise RecipeError(f"{path}: {message}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """Which checkpoint to export when the command line gives no --model."""
+
+    source: str = "builtin:smollm2-135m-instruct"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            _fail("model.dtype", f"{self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class KVCacheSpec:
+    """Static KV cache: allocated once with max_seq_len slots, updated in place."""
+
+    max_seq_len: int = 512
+    max_prefill_len: int = 256
+    # ExecuTorch's llama::custom_sdpa (GQA without repeating K/V) and llama::update_cache
+    # (in-place write). "sdpa"/"index_copy" are the portable fallbacks kept for comparison.
+    attention: str = "custom_sdpa"
+    cache_update: str = "custom"
+
+    def __post_init__(self) -> None:
+        if self.max_seq_len < 2:
+            _fail("kv_cache.max_seq_len", f"must be at least 2, got {self.max_seq_len}")
+        if not 1 <= self.max_prefill_len < self.max_seq_len:
+            _fail(
+                "kv_cache.max_prefill_len",
+                f"must be between 1 and kv_cache.max_seq_len - 1 ({self.max_seq_len - 1}), "
+                f"got {self.max_prefill_len}",
+            )
+        if self.attention not in ("custom_sdpa", "sdpa"):
+            _fail("kv_cache.attention", f"{self.attention!r} is not one of 'custom_sdpa', 'sdpa'")
+        if self.cache_update not in ("custom", "index_copy"):
+            _fail("kv_cache.cache_update", f"{self.cache_update!r} is not one of 'custom', 'index_copy'")
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantRule:
+    """One rule: modules whose name matches ``match`` (a glob) and whose kind matches get ``scheme``."""
+
+    match: str
+    scheme: str
+    kind: str = "any"
+    group_size: int = 32
+
+    def validate(self, path: str) -> None:
+        if self.kind not in MODULE_KINDS:
+            _fail(f"{path}.kind", f"{self.kind!r} is not one of {', '.join(MODULE_KINDS)}")
+        allowed = {
+            "linear": LINEAR_SCHEMES,
+            "embedding": EMBEDDING_SCHEMES,
+            "any": tuple(dict.fromkeys(LINEAR_SCHEMES + EMBEDDING_SCHEMES)),
+        }[self.kind]
+        if self.scheme not in allowed:
+            _fail(f"{path}.scheme", f"{self.scheme!r} is not a {self.kind} scheme; use one of {', '.join(allowed)}")
+        if self.group_size not in GROUP_SIZES:
+            _fail(f"{path}.group_size", f"{self.group_size} is not one of {', '.join(map(str, GROUP_SIZES))}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantSpec:
+    """Ordered rules, first match wins; modules no rule matches stay float and are counted."""
+
+    rules: tuple[QuantRule, ...] = ()
+
+    def __post_init__(self) -> None:
+        for i, rule in enumerate(self.rules):
+            rule.validate(f"quant.rules[{i}]")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TargetSpec:
+    name: str = "executorch"
+    backend: str = "xnnpack"
+
+    def __post_init__(self) -> None:
+        # The registry knows the targets; here we only check the shape of the value.
+        if not self.name:
+            _fail("target.name", "must not be empty")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParitySpec:
+    """What `verify` compares and the gates it applies (see docs/parity.md)."""
+
+    prompts: int = 8
+    decode_steps: int = 32
+    greedy_tokens: int = 32
+    # Lowering parity: artifact vs the quantized eager model (same math, tight).
+    lowering_max_abs_diff: float = 1e-3
+    lowering_cosine_min: float = 0.9999
+    lowering_top1_min: float = 1.0
+    # Quantization quality: artifact vs the float model.
+    quality_top1_min: float = 0.98
+    quality_kl_mean_max: float = 0.05
+    greedy_exact_match_min: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.prompts < 1:
+            _fail("parity.prompts", f"must be at least 1, got {self.prompts}")
+        if self.decode_steps < 1:
+            _fail("parity.decode_steps", f"must be at least 1, got {self.decode_steps}")
+        for name in ("lowering_top1_min", "quality_top1_min", "greedy_exact_match_min"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                _fail(f"parity.{name}", f"must be a fraction between 0 and 1, got {value}")
+        if not -1.0 <= self.lowering_cosine_min <= 1.0:
+            _fail("parity.lowering_cosine_min", f"must be between -1 and 1, got {self.lowering_cosine_min}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchSpec:
+    warmup: int = 1
+    runs: int = 5
+    prompt_lengths: tuple[int, ...] = (64, 256)
+    decode_tokens: int = 128
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        if self.runs < 1:
+            _fail("bench.runs", f"must be at least 1, got {self.runs}")
+        if self.warmup < 0:
+            _fail("bench.warmup", f"must be 0 or more, got {self.warmup}")
+        if not self.prompt_lengths or min(self.prompt_lengths) < 1:
+            _fail("bench.prompt_lengths", "must list at least one positive length")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportRecipe:
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    description: str = ""
+    model: ModelSpec = field(default_factory=ModelSpec)
+    kv_cache: KVCacheSpec = field(default_factory=KVCacheSpec)
+    quant: QuantSpec = field(default_factory=QuantSpec)
+    target: TargetSpec = field(default_factory=TargetSpec)
+    parity: ParitySpec = field(default_factory=ParitySpec)
+    bench: BenchSpec = field(default_factory=BenchSpec)
+
+    def __post_init__(self) -> None:
+        if self.schema_version != SCHEMA_VERSION:
+            _fail("schema_version", f"this tool reads schema_version {SCHEMA_VERSION}, got {self.schema_version}")
+        longest_needed = max(self.bench.prompt_lengths) + self.bench.decode_tokens
+        if longest_needed > self.kv_cache.max_seq_len:
+            _fail(
+                "bench.decode_tokens",
+                f"max(bench.prompt_lengths) + bench.decode_tokens = {longest_needed} exceeds "
+                f"kv_cache.max_seq_len = {self.kv_cache.max_seq_len}",
+            )

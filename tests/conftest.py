@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny seeded checkpoints (built once per session) and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from tiny_models import ARCHITECTURES, make_tiny_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {arch: make_tiny_checkpoint(arch, root / arch, seed=i) for i, arch in enumerate(ARCHITECTURES)}
+
+
+@pytest.fixture
+def cli():
+    """Invoke the Typer app in-process; returns (exit_code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from exporter.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+        return result.exit_code, result.stdout, result.stderr
+
+    return invoke
+
+
+TINY_RECIPE = """
+schema_version = 1
+name = "{name}"
+[kv_cache]
+max_seq_len = 128
+max_prefill_len = 32
+[bench]
+prompt_lengths = [16, 32]
+decode_tokens = 24
+warmup = 1
+runs = 2
+{extra}
+"""
+
+
+def write_recipe(path: Path, name: str, extra: str = "") -> Path:
+    path.write_text(TINY_RECIPE.format(name=name, extra=extra), encoding="utf-8")
+    return path

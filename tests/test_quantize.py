@@ -1,0 +1,46 @@
+"""Ordered quantization rules: first match wins, float is explicit, the summary counts everything."""
+
+from __future__ import annotations
+
+import pytest
+
+from exporter.decoder import build_decoder
+from exporter.errors import RecipeError
+from exporter.load import load_model
+from exporter.quantize import apply_quantization, plan
+from exporter.spec import QuantRule, QuantSpec
+
+
+@pytest.fixture
+def lm(tiny_checkpoints):
+    loaded = load_model(tiny_checkpoints["qwen3"])
+    return build_decoder(loaded.model, max_seq_len=32, max_prefill_len=8, attention="sdpa", cache_update="index_copy")
+
+
+def test_first_match_wins_and_summary(lm):
+    spec = QuantSpec(rules=(
+        QuantRule(match="model.layers.0.*", kind="linear", scheme="float"),
+        QuantRule(match="model.embed_tokens", kind="embedding", scheme="int4_weight", group_size=32),
+        QuantRule(match="model.layers.*", kind="linear", scheme="int8_dynact_int4_weight", group_size=32),
+        QuantRule(match="nothing.*", scheme="int8_weight"),
+    ))
+    summary = apply_quantization(lm, spec).to_dict()
+    counts = [r["matched"] for r in summary["rules"]]
+    assert counts == [7, 1, 7, 0]  # 7 linears per layer; the last rule matched nothing
+    assert summary["unmatched"] == ["lm_head"]
+    assert "model.layers.0.self_attn.q_proj" in summary["float"] and "lm_head" in summary["float"]
+    assert type(lm.model.layers[1].mlp.up_proj.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    assert type(lm.model.layers[0].mlp.up_proj.weight).__name__ == "Parameter"
+
+
+def test_group_size_must_divide(lm):
+    # tiny intermediate_size is 128, hidden 64: group 128 does not divide the 64-wide inputs.
+    spec = QuantSpec(rules=(QuantRule(match="*", kind="linear", scheme="int8_dynact_int4_weight", group_size=128),))
+    with pytest.raises(RecipeError, match=r"quant\.rules\[0\]\.group_size: 128 does not divide the input width 64"):
+        plan(lm, spec)
+
+
+def test_linear_scheme_on_embedding_is_refused(lm):
+    spec = QuantSpec(rules=(QuantRule(match="*", scheme="int8_dynact_int8_weight"),))
+    with pytest.raises(RecipeError, match="applies to linear layers, but it matched embedding model.embed_tokens"):
+        plan(lm, spec)

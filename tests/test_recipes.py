@@ -1,0 +1,83 @@
+"""Recipe loading is strict: unknown keys, wrong types and bad values fail with the dotted path."""
+
+from __future__ import annotations
+
+import pytest
+
+from exporter.errors import RecipeError, UsageError
+from exporter.recipe_io import apply_override, list_recipe_files, load_recipe, recipe_from_dict
+
+
+def test_shipped_recipes_load():
+    names = {p.stem for p in list_recipe_files()}
+    assert {"executorch-xnnpack-fp32", "executorch-xnnpack-int8", "executorch-xnnpack-int4"} <= names
+    for path in list_recipe_files():
+        recipe = load_recipe(path)
+        assert recipe.target.name == "executorch"
+
+
+def test_int4_recipe_rules_in_order():
+    r = load_recipe("smollm2-135m/executorch-xnnpack-int4")
+    assert [(x.match, x.scheme) for x in r.quant.rules] == [
+        ("model.embed_tokens", "int8_weight"),
+        ("lm_head", "int8_dynact_int4_weight"),
+        ("model.layers.*", "int8_dynact_int4_weight"),
+    ]
+    assert all(x.group_size == 32 for x in r.quant.rules[1:])
+
+
+def test_unknown_key_names_dotted_path_and_suggests():
+    with pytest.raises(RecipeError, match=r"kv_cache\.max_seq_lenn: unknown key; did you mean 'max_seq_len'\?"):
+        recipe_from_dict({"name": "x", "kv_cache": {"max_seq_lenn": 3}})
+
+
+def test_wrong_type_and_bad_value():
+    with pytest.raises(RecipeError, match=r"kv_cache\.max_seq_len: expected int, got str"):
+        recipe_from_dict({"name": "x", "kv_cache": {"max_seq_len": "big"}})
+    with pytest.raises(RecipeError, match=r"quant\.rules\[0\]\.scheme: 'int3' is not a linear scheme"):
+        recipe_from_dict({"name": "x", "quant": {"rules": [{"match": "*", "kind": "linear", "scheme": "int3"}]}})
+    with pytest.raises(RecipeError, match=r"quant\.rules\[0\]\.group_size: 48 is not one of 32, 64, 128"):
+        recipe_from_dict({"name": "x", "quant": {"rules": [{"match": "*", "scheme": "int8_dynact_int4_weight", "group_size": 48}]}})
+    with pytest.raises(RecipeError, match=r"kv_cache\.max_prefill_len: must be between 1 and"):
+        recipe_from_dict({"name": "x", "kv_cache": {"max_seq_len": 64, "max_prefill_len": 64}})
+    with pytest.raises(RecipeError, match=r"recipe: missing required key name"):
+        recipe_from_dict({})
+
+
+def test_set_overrides_any_field():
+    r = load_recipe("smollm2-135m/executorch-xnnpack-int4",
+                    ["kv_cache.max_seq_len=1024", "quant.rules.1.scheme=int8_dynact_int8_weight", "description=hello world"])
+    assert r.kv_cache.max_seq_len == 1024
+    assert r.quant.rules[1].scheme == "int8_dynact_int8_weight"
+    assert r.description == "hello world"
+
+
+def test_bad_overrides():
+    with pytest.raises(UsageError, match="not of the form"):
+        apply_override({}, "novalue")
+    with pytest.raises(UsageError, match="is not an index"):
+        apply_override({"quant": {"rules": []}}, "quant.rules.3.scheme=float")
+    with pytest.raises(RecipeError, match=r"kv_cache\.nope: unknown key"):
+        load_recipe("smollm2-135m/executorch-xnnpack-fp32", ["kv_cache.nope=1"])
+
+
+def test_missing_recipe_suggests_close_name():
+    with pytest.raises(UsageError, match="not found") as info:
+        load_recipe("smollm2-135m/executorch-xnnpack-int5")
+    assert "executorch-xnnpack-int4" in info.value.hint or "executorch-xnnpack-int8" in info.value.hint
+
+
+def test_cli_recipes_list_and_show(cli):
+    code, out, _ = cli("recipes", "list")
+    assert code == 0 and "executorch" in out
+    code, out, _ = cli("recipes", "show", "smollm2-135m/executorch-xnnpack-int8", "--set", "bench.runs=9")
+    assert code == 0 and '"runs": 9' in out
+
+
+def test_cli_bad_recipe_exit_code(cli, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('schema_version = 1\nname = "x"\n[kv_cache]\nmax_seq_lne = 4\n')
+    code, _, err = cli("export", bad, "--out", tmp_path / "out")
+    assert code == 3
+    assert "kv_cache.max_seq_lne: unknown key; did you mean 'max_seq_len'?" in err
+    assert not (tmp_path / "out").exists()
