@@ -52,6 +52,7 @@ def atomic_dir(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
         yield tmp
         if final.exists():
             shutil.rmtree(final)
+        tmp.chmod(0o755)  # mkdtemp makes it 0700; an artifact is for others to read
         os.replace(tmp, final)
     finally:
         if tmp.exists():

@@ -34,6 +34,10 @@ class StaticKVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
         self.cache_update = cache_update
 
+    def reset_buffers(self) -> None:
+        self.k_cache.zero_()
+        self.v_cache.zero_()
+
     def update(self, start_pos, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v ([1, seq, n_kv, head_dim]) at rows start_pos.. and return the caches."""
         if self.cache_update == "custom":
@@ -54,9 +58,14 @@ class CachedAttention(nn.Module):
         self.attention = attention
         self.scale = head_dim**-0.5
         if attention == "sdpa":
+            self.register_buffer("mask", torch.empty(max_seq_len, max_seq_len), persistent=False)
+            self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        if self.attention == "sdpa":
             # Row i of the mask is what position i may see: 0 up to i, -inf after.
-            mask = torch.full((max_seq_len, max_seq_len), float("-inf")).triu(1)
-            self.register_buffer("mask", mask, persistent=False)
+            n = self.mask.shape[0]
+            self.mask.copy_(torch.full((n, n), float("-inf"), device=self.mask.device).triu(1))
 
     def forward(self, q, k_cache, v_cache, start_pos) -> torch.Tensor:
         bsz, seq_len, n_heads, head_dim = q.shape

@@ -7,7 +7,6 @@ bench:   artifact -> bench.json
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,6 @@ from exporter.recipe_io import recipe_to_dict
 from exporter.spec import ExportRecipe
 
 Progress = Callable[[str], None]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def _quiet(_: str) -> None:
@@ -109,9 +107,10 @@ def export(recipe: ExportRecipe, *, out_dir: Path, model: str | None = None, for
         with Stage("lower", backend.name, timings, progress):
             lowered = backend.lower(lm, metadata=runtime_constants(meta, recipe), out_dir=tmp, on_stage=progress)
         with Stage("write", backend.name, timings, progress):
-            for name in TOKENIZER_FILES:
-                if (loaded.checkpoint_dir / name).is_file():
-                    shutil.copy2(loaded.checkpoint_dir / name, tmp / name)
+            # Saved from the loaded tokenizer, not copied: transformers may replace parts of
+            # tokenizer.json by model type (Qwen2Tokenizer installs its own pre-tokenizer and
+            # NFC normalizer), and the device must run what training ran.
+            loaded.tokenizer.save_pretrained(tmp)
             from exporter.capture import io_signature
 
             manifest = {
@@ -171,7 +170,10 @@ def verify(folder: Path, *, model: str | None = None, progress: Progress = _quie
         loaded = load_model(model or meta["source"], on_progress=progress)
         candidate = backend.load_runner(artifact)
     with Stage("reference", backend.name, timings, progress):
+        from exporter.quantize import materialize_for_eager
+
         lm, _ = build_quantized(loaded, recipe, backend)
+        materialize_for_eager(lm)  # same values, without re-dequantizing every weight per call
     with Stage("tokenizer", backend.name, timings, progress):
         encode, decode = backend.shipped_tokenizer(artifact)
         tok_report = tokenizer_parity(loaded.tokenizer, encode, decode, TOKENIZER_CORPUS)

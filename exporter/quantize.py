@@ -158,3 +158,41 @@ def round_group_scales(model: nn.Module, dtype) -> int:
             weight.scale.copy_(weight.scale.to(dtype).to(weight.scale.dtype))
         rounded += 1
     return rounded
+
+
+class ActQuantLinear(nn.Module):
+    """Linear with a dequantized weight and (optionally) torchao's dynamic activation quant.
+
+    torchao's quantized tensors dequantize the whole weight on every call (the 49k x 576
+    lm_head of SmolLM2 included), which makes an eager reference run take minutes per
+    prompt. Dequantizing once gives the same tensor, so the math is unchanged."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight
+        self.act_quant = getattr(weight, "activation_quantization", None) is not None
+        self.weight = nn.Parameter(weight.dequantize().detach().contiguous(), requires_grad=False)
+        self.bias = linear.bias
+
+    def forward(self, x):
+        from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+            _apply_int8_act_asym_per_token_quant_dequant,
+        )
+
+        if self.act_quant:
+            x = _apply_int8_act_asym_per_token_quant_dequant(x)
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def materialize_for_eager(model: nn.Module) -> nn.Module:
+    """Swap torchao-quantized modules for plain ones computing the same values, in place."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            weight = getattr(child, "weight", None)
+            if weight is None or type(weight) is nn.Parameter or not hasattr(weight, "dequantize"):
+                continue  # float module
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, ActQuantLinear(child))
+            elif isinstance(child, nn.Embedding):
+                child.weight = nn.Parameter(weight.dequantize().detach().contiguous(), requires_grad=False)
+    return model

@@ -7,9 +7,41 @@ float32 NumPy vectors of vocabulary size, so parity code never touches a framewo
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from typing import Protocol, Sequence
 
 import numpy as np
+
+from exporter.errors import UsageError
+
+
+class ContextFullError(UsageError):
+    """A prompt plus generation that does not fit the artifact's static KV cache."""
+
+
+@contextlib.contextmanager
+def quiet_native_stderr():
+    """Silence C++ logging on file descriptor 2 for one call.
+
+    ExecuTorch's eager wrappers of llama::custom_sdpa log "No temp allocator provided" on
+    every call, thousands of lines per verify. Python exceptions are unaffected: they are
+    raised, not written to fd 2, inside this block."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # captured stderr (pytest, CliRunner)
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), fd)
+            yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
 
 
 class Runner(Protocol):
@@ -25,6 +57,7 @@ class ChunkedPrefillMixin:
     """Prefill longer than max_prefill_len runs in chunks; the cache carries across them."""
 
     max_prefill_len: int
+    max_seq_len: int
 
     def _step(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -32,13 +65,22 @@ class ChunkedPrefillMixin:
     def prefill(self, tokens: Sequence[int]) -> np.ndarray:
         if not tokens:
             raise ValueError("prefill needs at least one token")
+        self._check_room(0, len(tokens))
         logits = None
         for start in range(0, len(tokens), self.max_prefill_len):
             logits = self._step(tokens[start : start + self.max_prefill_len], start)
         return logits
 
     def decode(self, token: int, pos: int) -> np.ndarray:
+        self._check_room(pos, 1)
         return self._step([token], pos)
+
+    def _check_room(self, pos: int, count: int) -> None:
+        if pos + count > self.max_seq_len:
+            raise ContextFullError(
+                f"position {pos} + {count} token(s) exceeds the KV cache of {self.max_seq_len} slots",
+                hint="export with a larger kv_cache.max_seq_len (--set kv_cache.max_seq_len=N)",
+            )
 
 
 class EagerRunner(ChunkedPrefillMixin):
@@ -48,11 +90,12 @@ class EagerRunner(ChunkedPrefillMixin):
         self.lm = lm
         self.name = name
         self.max_prefill_len = lm.max_prefill_len
+        self.max_seq_len = lm.max_seq_len
 
     def _step(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:
         import torch
 
-        with torch.no_grad():
+        with torch.no_grad(), quiet_native_stderr():
             out = self.lm(torch.tensor([list(tokens)], dtype=torch.long), torch.tensor([start_pos], dtype=torch.long))
         return out[0].float().numpy()
 

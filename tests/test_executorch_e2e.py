@@ -64,7 +64,7 @@ def test_artifact_folder_and_manifest(fp32_artifact, cli):
 def test_runtime_constants_are_in_the_program(fp32_artifact):
     from exporter.backends.executorch import ExecuTorchRunner
 
-    runner = ExecuTorchRunner(fp32_artifact / "model.pte", 32)
+    runner = ExecuTorchRunner(fp32_artifact / "model.pte", 32, 128)
     assert runner.constant("get_max_seq_len") == 128
     assert runner.constant("get_vocab_size") == 384
     assert runner.constant("use_kv_cache") is True
@@ -153,19 +153,42 @@ def test_interrupted_export_leaves_nothing(tiny_checkpoints, tmp_path):
     assert list((tmp_path / "outdir").iterdir()) == []
 
 
-@pytest.mark.parametrize("arch,rules,name", [("llama", INT8_RULES, "int8"), ("qwen2", INT4_RULES, "int4")])
+@pytest.mark.parametrize("arch,rules,name", [("llama", INT8_RULES, "int8"), ("qwen3", INT4_RULES, "int4")])
 def test_quantized_export_and_parity(tiny_checkpoints, tmp_path, arch, rules, name):
     from exporter.pipeline import export, verify
     from exporter.recipe_io import load_recipe
 
-    recipe = load_recipe(write_recipe(tmp_path / "r.toml", f"tiny-{arch}-{name}", rules))
+    # Dynamic int8 activations: XNNPACK and torchao quantize identically except at ulp-level
+    # rounding ties, where one int8 code differs by 1 (docs/parity.md, "dynamic activations").
+    # Measured here: max abs 0.036, cosine 0.99984, top-1 99.6% (int8 llama).
+    gates = "[parity]\nlowering_max_abs_diff = 0.1\nlowering_cosine_min = 0.999\nlowering_top1_min = 0.98\nquality_top1_min = 0.0\nquality_kl_mean_max = 10.0\n"
+    recipe = load_recipe(write_recipe(tmp_path / "r.toml", f"tiny-{arch}-{name}", rules + gates))
     folder = export(recipe, out_dir=tmp_path / "art", model=str(tiny_checkpoints[arch]))
     manifest = json.loads((folder / "manifest.json").read_text())
     quant = manifest["quantization"]
     assert [r["matched"] for r in quant["rules"]] == [1, 15]  # embedding; 2 layers x 7 linears + lm_head
     assert quant["unmatched"] == []
     report = verify(folder)
-    # Random weights amplify quantization noise, so quality is judged on SmolLM2 (make demo);
-    # lowering parity must hold here: the artifact against the same quantized math.
-    assert report["lowering"]["top1_agreement"] == 1.0, report["lowering"]
-    assert report["lowering"]["max_abs_diff"] <= 1e-3, report["lowering"]
+    # Random weights amplify quantization noise, so quality is judged on SmolLM2 (make demo)
+    # and not gated here; lowering parity must hold: the artifact against the same quantized math.
+    assert report["passed"], report["failures"]
+    assert report["lowering"]["positions"] == 8 * 33
+    assert report["quality"]["kl_mean"] > 0  # quantized: it cannot equal the float model
+
+
+def test_tokenizer_gate_catches_the_device_tokenizer_on_qwen2(tiny_checkpoints, tmp_path):
+    """transformers runs Qwen2's own pre-tokenizer regex; ExecuTorch's C++ HFTokenizer cannot
+    compile it with re2 and falls back to a pattern that splits Greek, Cyrillic and Korean
+    differently. The shipped tokenizer would mis-tokenize those on device: the gate must say so."""
+    from exporter.pipeline import export, verify
+    from exporter.recipe_io import load_recipe
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.toml", "tiny-qwen2-fp32"))
+    folder = export(recipe, out_dir=tmp_path / "art", model=str(tiny_checkpoints["qwen2"]))
+    report = verify(folder)
+    assert not report["passed"]
+    assert report["lowering"]["max_abs_diff"] <= 1e-3 and report["quality"]["top1_agreement"] == 1.0
+    assert report["failures"] == [f"tokenizer: {report['tokenizer']['mismatches']} of 18 texts encode or decode differently with the shipped tokenizer"]
+    bad = [e["text"] for e in report["tokenizer"]["examples"]]
+    assert any("Ελληνικά" in t or "한국어" in t for t in bad)
+    assert not any(t.startswith("用户最近行为") for t in bad)  # Chinese behaviour text is fine

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -41,7 +42,8 @@ class ExecuTorchBackend:
                     f"and kind = \"linear\" (int8_weight is fine for kind = \"embedding\")"
                 )
 
-    def lower(self, lm, *, metadata: dict, out_dir: Path, on_stage: Callable[[str], None]) -> dict:
+    def lower(self, lm, *, metadata: dict, out_dir: Path, on_stage: Callable[[str], None],
+              fast: bool = True) -> dict:
         """Capture, lower to XNNPACK and write model.pte; return {role: filename} and sub-stage times."""
         require("executorch", self.extra)
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -49,6 +51,7 @@ class ExecuTorchBackend:
         from executorch.exir.passes import MemoryPlanningPass
         from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
+        from exporter.backends.xnnpack_speedups import fast_lowering
         from exporter.capture import capture
         from exporter.kv_cache import load_custom_ops
 
@@ -61,26 +64,28 @@ class ExecuTorchBackend:
 
         t0 = time.perf_counter()
         on_stage("lower to XNNPACK")
-        edge = to_edge_transform_and_lower(
-            exported,
-            partitioner=[XnnpackPartitioner()],
-            # The custom llama:: ops are not core ATen; IR validity checks would reject them.
-            compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
-            constant_methods=metadata,
-        )
-        timings["lower_s"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        on_stage("emit ExecuTorch program")
-        program = edge.to_executorch(
-            ExecutorchBackendConfig(
-                extract_delegate_segments=True,
-                # Fuses dequantize->embedding into quantized embedding kernels.
-                do_quant_fusion_and_const_prop=True,
-                memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
-                sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+        speedups = fast_lowering() if fast else contextlib.nullcontext()
+        with speedups:
+            edge = to_edge_transform_and_lower(
+                exported,
+                partitioner=[XnnpackPartitioner()],
+                # The custom llama:: ops are not core ATen; IR validity checks would reject them.
+                compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
+                constant_methods=metadata,
             )
-        )
+            timings["lower_s"] = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            on_stage("emit ExecuTorch program")
+            program = edge.to_executorch(
+                ExecutorchBackendConfig(
+                    extract_delegate_segments=True,
+                    # Fuses dequantize->embedding into quantized embedding kernels.
+                    do_quant_fusion_and_const_prop=True,
+                    memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+                    sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+                )
+            )
         with open(out_dir / PROGRAM_FILE, "wb") as fh:
             program.write_to_file(fh)
         timings["emit_s"] = time.perf_counter() - t0
@@ -99,7 +104,8 @@ class ExecuTorchBackend:
         return f"executorch {version('executorch')} (XNNPACK)"
 
     def load_runner(self, artifact):
-        return ExecuTorchRunner(artifact.file("program"), artifact.manifest["model"]["max_prefill_len"])
+        meta = artifact.manifest["model"]
+        return ExecuTorchRunner(artifact.file("program"), meta["max_prefill_len"], meta["max_seq_len"])
 
     def shipped_tokenizer(self, artifact):
         """encode/decode with the C++ HF tokenizer that ExecuTorch's LLM runner uses on device."""
@@ -168,13 +174,14 @@ class LLMRunnerSession:
 class ExecuTorchRunner(ChunkedPrefillMixin):
     """Logits-level access to a .pte through executorch.runtime (for parity, not throughput)."""
 
-    def __init__(self, pte: Path, max_prefill_len: int) -> None:
+    def __init__(self, pte: Path, max_prefill_len: int, max_seq_len: int) -> None:
         runtime = import_runtime()
         import torch
 
         self._torch = torch
         self.name = "executorch"
         self.max_prefill_len = max_prefill_len
+        self.max_seq_len = max_seq_len
         self.program = runtime.Runtime.get().load_program(Path(pte))
         self.method = self.program.load_method("forward")
 
