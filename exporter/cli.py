@@ -156,6 +156,7 @@ def bench(
     s = report["decode_tok_s"]
     table.add_row(f"decode_tok_s ({report['decode_tokens']} tok)", f"{s['median']:.1f}", f"{s['min']:.1f}", f"{s['max']:.1f}", str(s["runs"]))
     out_console.print(table)
+    out_console.print(f"decode CPU {report['decode_cpu_s']['median']:.2f} s over {report['decode_wall_s']['median']:.2f} s wall (median run)")
     out_console.print(f"load {report['load_ms']:.0f} ms | peak RSS {report['peak_rss_mb']:.0f} MB | "
                       f"artifact {report['artifact_mb']:.1f} MB | ~{report['bytes_per_decoded_token'] / 1e6:.1f} MB read per decoded token")
 

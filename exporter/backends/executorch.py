@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from exporter.errors import UnsupportedError, require
-from exporter.runners import ChunkedPrefillMixin, greedy
+from exporter.runners import ChunkedPrefillMixin
 
 PROGRAM_FILE = "model.pte"
 
@@ -127,7 +127,7 @@ class ExecuTorchBackend:
         return (lambda text: list(tok.encode(text, 0, 0))), decode
 
     def open_bench_session(self, artifact, *, threads: int):
-        return LLMRunnerSession(artifact, threads=threads)
+        return LLMRunnerSession(artifact.file("program"), artifact.file("tokenizer"), threads=threads)
 
 
 class LLMRunnerSession:
@@ -136,7 +136,7 @@ class LLMRunnerSession:
     A Python loop over Method.execute adds 0.3-1 ms per token, so throughput is measured
     through the runner the app would embed, with its own timers (ms resolution)."""
 
-    def __init__(self, artifact, *, threads: int) -> None:
+    def __init__(self, program: Path, tokenizer: Path, *, threads: int) -> None:
         import_runtime()
         from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
         from executorch.extension.pybindings.portable_lib import (
@@ -147,7 +147,7 @@ class LLMRunnerSession:
         _unsafe_reset_threadpool(threads)
         self.threads = _threadpool_get_thread_count()
         self._config = GenerationConfig
-        self.runner = TextLLMRunner(str(artifact.file("program")), str(artifact.file("tokenizer")))
+        self.runner = TextLLMRunner(str(program), str(tokenizer))
         self.runner.generate("warm", GenerationConfig(max_new_tokens=1, temperature=0.0, echo=False))
 
     def run(self, text: str, *, max_new_tokens: int) -> dict:
@@ -158,16 +158,19 @@ class LLMRunnerSession:
                              stats_callback=lambda s: stats.setdefault("s", s))
         cpu = time.process_time() - cpu0
         s = stats["s"]
+        # ExecuTorch 1.5.1: the first token comes from the prefill logits (first_token_ms ==
+        # prompt_eval_end_ms), and num_generated_tokens counts decode steps only.
         prefill_ms = max(s.prompt_eval_end_ms - s.inference_start_ms, 1)
-        decode_ms = max(s.inference_end_ms - s.prompt_eval_end_ms, 1)
+        decode_ms = max(s.inference_end_ms - s.first_token_ms, 1)
         generated = s.num_generated_tokens
         return {
             "prompt_tokens": s.num_prompt_tokens,
             "prefill_tok_s": s.num_prompt_tokens / prefill_ms * 1e3,
             "ttft_ms": s.first_token_ms - s.inference_start_ms,
-            "decode_tok_s": max(generated - 1, 1) / decode_ms * 1e3,
+            "decode_tok_s": generated / decode_ms * 1e3,
             "generated": generated,
-            "cpu_s_per_token": cpu / max(generated + s.num_prompt_tokens, 1),
+            "cpu_s": cpu,
+            "wall_s": (s.inference_end_ms - s.inference_start_ms) / 1e3,
         }
 
 
