@@ -15,7 +15,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from exporter import artifact as art
@@ -108,9 +107,8 @@ def _worker(folder: str, result_path: str, spec_json: str) -> None:
     artifact = art.read_artifact(folder, check_hashes=False)
     backend = get_backend(artifact.target)
     baseline = _rss_mb()
-    t0 = time.perf_counter()
     session = backend.open_bench_session(artifact, threads=spec["threads"])
-    load_ms = (time.perf_counter() - t0) * 1e3
+    load_ms = session.load_ms
     encode, decode = backend.shipped_tokenizer(artifact)
     out = {"load_ms": load_ms, "baseline_rss_mb": baseline, "threads": session.threads,
            "device": f"host ({os.uname().machine}, {os.cpu_count()} cores)", "prefill": {}}

@@ -120,7 +120,9 @@ def test_bench_writes_json(fp32_artifact, cli):
     report = json.loads((fp32_artifact / "bench.json").read_text())
     for key in ("prefill_tok_s", "ttft_ms", "decode_tok_s"):
         assert set(report[key]) >= {"median", "min", "max", "runs"} and report[key]["runs"] == 2
-        assert report[key]["median"] > 0
+    assert report["prefill_tok_s"]["median"] > 0 and report["ttft_ms"]["median"] > 0
+    # A random tiny model may sample EOS first; then there is no decode rate to report.
+    assert report["decode_tok_s"]["median"] > 0 or report["decode_tokens"] == 0
     assert report["peak_rss_mb"] > 0 and report["load_ms"] > 0 and report["artifact_mb"] > 0
     assert report["bytes_per_decoded_token"] > 0
     assert report["runtime"].startswith("executorch 1.5.1") and report["device"].startswith("host")
