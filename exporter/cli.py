@@ -210,7 +210,8 @@ def recipes_list() -> None:
     from exporter.recipe_io import RECIPES_DIR, list_recipe_files, load_recipe
 
     table = Table()
-    for col in ("recipe", "target", "description"):
+    table.add_column("recipe", no_wrap=True)
+    for col in ("target", "description"):
         table.add_column(col)
     for path in list_recipe_files():
         r = run(lambda: load_recipe(path))

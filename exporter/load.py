@@ -201,14 +201,11 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None, on_progress: Callable[
 
 
 def weights_digest(checkpoint_dir: Path) -> str:
+    """One sha256 over the safetensors files of a checkpoint (names and contents)."""
+    from exporter.artifact import sha256_file
+
     h = hashlib.sha256()
     for file in sorted(checkpoint_dir.glob("*.safetensors")):
         h.update(file.name.encode())
-        h.update(bytes.fromhex(_cached_sha(file)))
+        h.update(bytes.fromhex(sha256_file(file)))
     return h.hexdigest()
-
-
-def _cached_sha(file: Path) -> str:
-    from exporter.artifact import sha256_file
-
-    return sha256_file(file)

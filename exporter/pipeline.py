@@ -92,6 +92,8 @@ def export(recipe: ExportRecipe, *, out_dir: Path, model: str | None = None, for
     backend = get_backend(recipe.target.name)
     backend.validate(recipe)
     source = model or recipe.model.source
+    if not source.startswith("builtin:") and Path(source).exists():
+        source = str(Path(source).resolve())  # verify may run from another directory
     timings: dict = {}
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
