@@ -13,7 +13,9 @@ import pytest
 
 from conftest import write_recipe
 
-INT4_RULES = """
+def linear_rules(scheme: str) -> str:
+    """int8 embedding, then every linear layer (lm_head included) with ``scheme``."""
+    return f"""
 [[quant.rules]]
 match = "model.embed_tokens"
 kind = "embedding"
@@ -21,20 +23,13 @@ scheme = "int8_weight"
 [[quant.rules]]
 match = "*"
 kind = "linear"
-scheme = "int8_dynact_int4_weight"
+scheme = "{scheme}"
 group_size = 32
 """
 
-INT8_RULES = """
-[[quant.rules]]
-match = "model.embed_tokens"
-kind = "embedding"
-scheme = "int8_weight"
-[[quant.rules]]
-match = "*"
-kind = "linear"
-scheme = "int8_dynact_int8_weight"
-"""
+
+INT4_RULES = linear_rules("int8_dynact_int4_weight")
+INT8_RULES = linear_rules("int8_dynact_int8_weight")
 
 
 @pytest.fixture(scope="module")
