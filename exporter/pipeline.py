@@ -14,7 +14,7 @@ from typing import Callable
 
 from exporter import artifact as art
 from exporter.backends import get_backend
-from exporter.errors import RecgptError, StageError, UsageError
+from exporter.errors import ArtifactError, RecgptError, StageError, UsageError
 from exporter.recipe_io import recipe_to_dict
 from exporter.spec import ExportRecipe
 
@@ -158,7 +158,7 @@ def recipe_of(artifact) -> ExportRecipe:
 
 def verify(folder: Path, *, model: str | None = None, progress: Progress = _quiet) -> dict:
     """Run every parity check on an artifact; write DIR/parity.json and return it."""
-    from exporter.load import load_model
+    from exporter.load import load_model, weights_digest
     from exporter.parity import check_parity, tokenizer_parity
     from exporter.prompts import BEHAVIOUR_PROMPTS, HELDOUT_TEXT, TOKENIZER_CORPUS
     from exporter.runners import EagerRunner, TransformersRunner
@@ -170,6 +170,12 @@ def verify(folder: Path, *, model: str | None = None, progress: Progress = _quie
     timings: dict = {}
     with Stage("load", backend.name, timings, progress):
         loaded = load_model(model or meta["source"], on_progress=progress)
+        if weights_digest(loaded.checkpoint_dir) != meta["weights_sha256"]:
+            raise ArtifactError(
+                f"the checkpoint {loaded.checkpoint_dir} is not the one {folder} was exported from "
+                f"(weights sha256 differs from the manifest's)",
+                hint="pass --model with the checkpoint the artifact was built from",
+            )
         candidate = backend.load_runner(artifact)
     with Stage("reference", backend.name, timings, progress):
         from exporter.quantize import materialize_for_eager

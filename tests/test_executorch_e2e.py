@@ -104,6 +104,11 @@ def test_tampered_artifact_is_an_input_error(fp32_artifact, cli, tmp_path):
     assert code == 2 and "does not match its sha256" in err
 
 
+def test_verify_refuses_another_checkpoint(fp32_artifact, cli, tiny_checkpoints):
+    code, _, err = cli("verify", fp32_artifact, "--model", tiny_checkpoints["llama"])
+    assert code == 2 and "is not the one" in err and "weights sha256 differs" in err
+
+
 def test_generate(fp32_artifact, cli):
     code, out, _ = cli("generate", fp32_artifact, "--prompt", "用户搜索 无线蓝牙耳机", "--max-new-tokens", "8")
     assert code == 0 and out.strip()
