@@ -9,7 +9,9 @@ Two implementations of each half, chosen by the recipe (kv_cache.attention / cac
   start_pos + seq_len cache rows, handles grouped-query attention without repeating K/V)
   and ``llama::update_cache`` (an in-place row write). Measured faster, see docs/benchmarks.md.
 - ``sdpa`` / ``index_copy``: portable aten ops (masked SDPA over the whole cache with
-  ``enable_gqa``; ``index_copy_``), kept as the baseline the custom ops are measured against.
+  ``enable_gqa``; ``index_copy_``), the baseline the custom ops were to be measured against.
+  Correct in eager torch; the executorch target refuses them for now, because the program
+  they export aborts the ExecuTorch 1.5.1 runtime (docs/targets/executorch.md).
 """
 
 from __future__ import annotations

@@ -32,6 +32,15 @@ class ExecuTorchBackend:
     def validate(self, recipe) -> None:
         if recipe.target.backend != "xnnpack":
             raise UnsupportedError(f"target.backend {recipe.target.backend!r}: the executorch target supports 'xnnpack' only")
+        kv = recipe.kv_cache
+        if (kv.attention, kv.cache_update) != ("custom_sdpa", "custom"):
+            # Exported with aten SDPA + index_copy_, SmolLM2 int4 lowers and saves, then aborts
+            # the ExecuTorch 1.5.1 runtime on the first call ("toTensor(): EValue is not a
+            # Tensor", a process abort no caller can catch). Refused until that is understood.
+            raise UnsupportedError(
+                "kv_cache.attention = 'sdpa' / kv_cache.cache_update = 'index_copy' build a program that "
+                "aborts the ExecuTorch 1.5.1 runtime; use 'custom_sdpa' and 'custom' for the executorch target"
+            )
         for i, rule in enumerate(recipe.quant.rules):
             if rule.scheme == "int8_weight" and rule.kind != "embedding":
                 # Exports cleanly, then computes garbage on XNNPACK (logits off by up to 1e4);
