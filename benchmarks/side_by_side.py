@@ -28,17 +28,10 @@ def worker(program: str, tokenizer: str, threads: int, out: str) -> None:
     sys.path.insert(0, str(ROOT))
     import resource
 
-    from exporter.backends.executorch import LLMRunnerSession, ExecuTorchBackend  # noqa: F401
+    from exporter.backends.executorch import LLMRunnerSession, device_tokenizer
     from exporter.bench import prompt_text
-    from pytorch_tokenizers import CppHFTokenizer
 
-    tok = CppHFTokenizer()
-    tok.load(tokenizer)
-    from tokenizers import Tokenizer
-
-    # decode through `tokenizers`: a prompt cut at a token boundary may split a character.
-    fallback = Tokenizer.from_file(tokenizer)
-    encode, decode = (lambda t: list(tok.encode(t, 0, 0))), (lambda ids: fallback.decode(list(ids)))
+    encode, decode = device_tokenizer(Path(tokenizer))
     session = LLMRunnerSession(Path(program), Path(tokenizer), threads=threads)
     result = {}
     for length in (64, 256):

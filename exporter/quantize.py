@@ -168,19 +168,20 @@ class ActQuantLinear(nn.Module):
     prompt. Dequantizing once gives the same tensor, so the math is unchanged."""
 
     def __init__(self, linear: nn.Linear) -> None:
+        from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+            _apply_int8_act_asym_per_token_quant_dequant,
+        )
+
         super().__init__()
+        self._quant_dequant = _apply_int8_act_asym_per_token_quant_dequant  # the function torchao's tensor calls
         weight = linear.weight
         self.act_quant = getattr(weight, "activation_quantization", None) is not None
         self.weight = nn.Parameter(weight.dequantize().detach().contiguous(), requires_grad=False)
         self.bias = linear.bias
 
     def forward(self, x):
-        from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
-            _apply_int8_act_asym_per_token_quant_dequant,
-        )
-
         if self.act_quant:
-            x = _apply_int8_act_asym_per_token_quant_dequant(x)
+            x = self._quant_dequant(x)
         return nn.functional.linear(x, self.weight, self.bias)
 
 

@@ -117,33 +117,40 @@ class ExecuTorchBackend:
         return ExecuTorchRunner(artifact.file("program"), meta["max_prefill_len"], meta["max_seq_len"])
 
     def shipped_tokenizer(self, artifact):
-        """encode/decode with the C++ HF tokenizer that ExecuTorch's LLM runner uses on device."""
-        tokenizers = require("pytorch_tokenizers", self.extra)
-        tok = tokenizers.CppHFTokenizer()
-        tok.load(str(artifact.file("tokenizer")))
-        path = str(artifact.file("tokenizer"))
-
-        def decode(ids) -> str:
-            try:
-                return tok.decode_batch(list(ids))
-            except UnicodeDecodeError:
-                # A cut multi-byte character (the C++ binding cannot return invalid UTF-8):
-                # decode with the same tokenizer.json through `tokenizers`, which writes U+FFFD.
-                from tokenizers import Tokenizer
-
-                return Tokenizer.from_file(path).decode(list(ids), skip_special_tokens=False)
-
-        return (lambda text: list(tok.encode(text, 0, 0))), decode
+        return device_tokenizer(artifact.file("tokenizer"))
 
     def open_bench_session(self, artifact, *, threads: int):
         return LLMRunnerSession(artifact.file("program"), artifact.file("tokenizer"), threads=threads)
+
+
+def device_tokenizer(path: Path):
+    """encode/decode with the C++ HF tokenizer that ExecuTorch's LLM runner uses on device."""
+    tokenizers = require("pytorch_tokenizers", ExecuTorchBackend.extra)
+    tok = tokenizers.CppHFTokenizer()
+    tok.load(str(path))
+    fallback = []
+
+    def decode(ids) -> str:
+        try:
+            return tok.decode_batch(list(ids))
+        except UnicodeDecodeError:
+            # A cut multi-byte character (the C++ binding cannot return invalid UTF-8):
+            # decode with the same tokenizer.json through `tokenizers`, which writes U+FFFD.
+            if not fallback:
+                from tokenizers import Tokenizer
+
+                fallback.append(Tokenizer.from_file(str(path)))
+            return fallback[0].decode(list(ids), skip_special_tokens=False)
+
+    return (lambda text: list(tok.encode(text, 0, 0))), decode
 
 
 class LLMRunnerSession:
     """ExecuTorch's TextLLMRunner (C++ prefill/decode loop): the throughput path.
 
     A Python loop over Method.execute adds 0.3-1 ms per token, so throughput is measured
-    through the runner the app would embed, with its own timers (ms resolution)."""
+    through the runner the app would embed: decode from its own timers (whole ms, fine over
+    127 steps), TTFT and prefill with perf_counter around a one-token call."""
 
     def __init__(self, program: Path, tokenizer: Path, *, threads: int) -> None:
         import_runtime()
