@@ -70,20 +70,21 @@ def model_metadata(loaded, recipe: ExportRecipe) -> dict:
 
 
 def build_quantized(loaded, recipe: ExportRecipe, backend):
-    """Decoder with the recipe's cache and quantization applied, as the backend will store it."""
+    """Decoder with the recipe's cache and quantization applied, as the backend will store it.
+
+    Each backend quantizes in its own storage format (``backend.quantize``) so that the
+    returned eager model computes with exactly the weights the artifact holds, and picks the
+    eager attention of its reference (``backend.eager_kv_cache``)."""
     from exporter.decoder import build_decoder
     from exporter.kv_cache import load_custom_ops
-    from exporter.quantize import apply_quantization, round_group_scales
 
-    if recipe.kv_cache.attention == "custom_sdpa" or recipe.kv_cache.cache_update == "custom":
+    attention, cache_update = backend.eager_kv_cache(recipe)
+    if attention == "custom_sdpa" or cache_update == "custom":
         load_custom_ops()
     lm = build_decoder(loaded.model, max_seq_len=recipe.kv_cache.max_seq_len,
                        max_prefill_len=recipe.kv_cache.max_prefill_len,
-                       attention=recipe.kv_cache.attention, cache_update=recipe.kv_cache.cache_update)
-    summary = apply_quantization(lm, recipe.quant)
-    scale_dtype = getattr(backend, "group_scale_dtype", None)
-    if scale_dtype is not None:
-        round_group_scales(lm, scale_dtype)
+                       attention=attention, cache_update=cache_update)
+    summary = backend.quantize(lm, recipe.quant)
     return lm, summary
 
 

@@ -86,9 +86,6 @@ def _check_applicable(rule: QuantRule, name: str, module: nn.Module, kind: str, 
     if kind == "embedding" and linear_only:
         raise RecipeError(f"{path}.scheme: {rule.scheme} applies to linear layers, but it matched embedding {name}; "
                           f"add kind = \"linear\" to the rule or put an embedding rule before it")
-    if kind == "linear" and rule.scheme == "int4_weight":
-        raise RecipeError(f"{path}.scheme: int4_weight is an embedding scheme but it matched linear {name}; "
-                          f"use int8_dynact_int4_weight for linear layers")
     if _uses_group(rule.scheme):
         width = module.in_features if kind == "linear" else module.embedding_dim
         if width % rule.group_size:

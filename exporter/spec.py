@@ -13,9 +13,10 @@ from exporter.errors import RecipeError
 
 SCHEMA_VERSION = 1
 
-# Linear schemes. "int8_weight" (weight-only) is a valid scheme for targets that run it
-# correctly; ExecuTorch/XNNPACK refuses it (see backends/executorch.py).
-LINEAR_SCHEMES = ("float", "int8_weight", "int8_dynact_int8_weight", "int8_dynact_int4_weight")
+# Linear schemes. Weight-only "int8_weight" (per channel) and "int4_weight" (per group) are
+# valid for targets that run them correctly; ExecuTorch/XNNPACK refuses both (see
+# backends/executorch.py). Each backend's validate() says which schemes it supports.
+LINEAR_SCHEMES = ("float", "int8_weight", "int4_weight", "int8_dynact_int8_weight", "int8_dynact_int4_weight")
 EMBEDDING_SCHEMES = ("float", "int8_weight", "int4_weight")
 MODULE_KINDS = ("linear", "embedding", "any")
 GROUP_SIZES = (32, 64, 128)
@@ -72,6 +73,9 @@ class QuantRule:
     scheme: str
     kind: str = "any"
     group_size: int = 32
+    # Symmetric integers (zero point fixed at the middle of the range) or a zero point per
+    # group. Not every target stores zero points; validate() refuses what a target lacks.
+    symmetric: bool = True
 
     def validate(self, path: str) -> None:
         if self.kind not in MODULE_KINDS:
@@ -98,15 +102,47 @@ class QuantSpec:
             rule.validate(f"quant.rules[{i}]")
 
 
+COREML_COMPUTE_UNITS = ("cpu_only", "cpu_and_gpu", "cpu_and_ne", "all")
+COREML_DEPLOYMENT_TARGETS = ("iOS18", "macOS15")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoreMLOptions:
+    """[target.coreml]: options of the coreml target only."""
+
+    compute_units: str = "cpu_only"
+    deployment_target: str = "iOS18"
+
+    def __post_init__(self) -> None:
+        if self.compute_units not in COREML_COMPUTE_UNITS:
+            _fail("target.coreml.compute_units", f"{self.compute_units!r} is not one of {', '.join(COREML_COMPUTE_UNITS)}")
+        if self.deployment_target not in COREML_DEPLOYMENT_TARGETS:
+            _fail("target.coreml.deployment_target",
+                  f"{self.deployment_target!r} is not one of {', '.join(COREML_DEPLOYMENT_TARGETS)} (stateful KV cache needs iOS 18 / macOS 15)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OnnxOptions:
+    """[target.onnx]: options of the onnx target only."""
+
+    opset: int = 21  # the default ONNX domain's opset; recorded in the manifest
+
+
 @dataclass(frozen=True, kw_only=True)
 class TargetSpec:
     name: str = "executorch"
     backend: str = "xnnpack"
+    coreml: CoreMLOptions = field(default_factory=CoreMLOptions)
+    onnx: OnnxOptions = field(default_factory=OnnxOptions)
 
     def __post_init__(self) -> None:
         # The registry knows the targets; here we only check the shape of the value.
         if not self.name:
             _fail("target.name", "must not be empty")
+        # A target's own options in another target's recipe are a mistake, not a no-op.
+        for option_table, default in (("coreml", CoreMLOptions()), ("onnx", OnnxOptions())):
+            if option_table != self.name and getattr(self, option_table) != default:
+                _fail(f"target.{option_table}", f"options of the {option_table} target, but target.name is {self.name!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -81,3 +81,25 @@ def test_cli_bad_recipe_exit_code(cli, tmp_path):
     assert code == 3
     assert "kv_cache.max_seq_lne: unknown key; did you mean 'max_seq_len'?" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_target_options_belong_to_their_target():
+    r = recipe_from_dict({"name": "x", "target": {"name": "coreml", "coreml": {"compute_units": "cpu_and_ne"}}})
+    assert r.target.coreml.compute_units == "cpu_and_ne"
+    with pytest.raises(RecipeError, match=r"target\.coreml: options of the coreml target, but target\.name is 'executorch'"):
+        recipe_from_dict({"name": "x", "target": {"coreml": {"compute_units": "all"}}})
+    with pytest.raises(RecipeError, match=r"target\.coreml\.compute_units: 'gpu' is not one of"):
+        recipe_from_dict({"name": "x", "target": {"name": "coreml", "coreml": {"compute_units": "gpu"}}})
+
+
+def test_executorch_refuses_weight_only_linear_and_asymmetric():
+    from exporter.backends import get_backend
+    from exporter.errors import UnsupportedError
+
+    backend = get_backend("executorch")
+    for rule, message in (({"scheme": "int4_weight"}, "weight-only int4 linear"),
+                          ({"scheme": "int8_weight"}, "weight-only int8 linear"),
+                          ({"scheme": "int8_dynact_int4_weight", "symmetric": False}, "symmetric integers only")):
+        recipe = recipe_from_dict({"name": "x", "quant": {"rules": [{"match": "*", "kind": "linear", **rule}]}})
+        with pytest.raises(UnsupportedError, match=message):
+            backend.validate(recipe)

@@ -1,10 +1,17 @@
 """Target registry: one module per target, imported only when that target is used.
 
-Each backend module defines a class with ``name``, ``extra`` (the pip extra that installs
-its runtime), ``validate(recipe)``, ``lower(...)``, ``load_runner(artifact)``,
-``bench(...)`` and ``generate(...)``. Heavy imports (executorch, coremltools,
-onnxruntime) happen inside those methods so that `recgpt-export --help` stays fast and a
-missing runtime is an error naming the extra, not an ImportError at start-up.
+Each backend module defines a class with:
+- ``name``, ``extra`` (the pip extra that installs its runtime);
+- ``validate(recipe)``: refuse, with UnsupportedError, what the target cannot run correctly;
+- ``eager_kv_cache(recipe) -> (attention, cache_update)``: the eager attention of the reference;
+- ``quantize(lm, quant_spec) -> QuantSummary``: quantize the decoder in place so that it
+  computes with exactly the weights the artifact will store (the lowering reference);
+- ``lower(lm, metadata=, out_dir=, on_stage=) -> {"roles": {...}, "timings": {...}}``;
+- ``runtime_name()``, ``load_runner(artifact)`` (a runners.Runner), ``shipped_tokenizer(artifact)``
+  -> (encode, decode), ``open_bench_session(artifact, threads=)`` (see bench.py).
+Heavy imports (executorch, coremltools, onnxruntime) happen inside those methods so that
+`recgpt-export --help` stays fast and a missing runtime is an error naming the extra, not
+an ImportError at start-up.
 """
 
 from __future__ import annotations
@@ -37,3 +44,5 @@ def get_backend(name: str):
 
 
 register("executorch", "exporter.backends.executorch:ExecuTorchBackend")
+register("onnx", "exporter.backends.onnx:OnnxBackend")
+register("coreml", "exporter.backends.coreml:CoreMLBackend")

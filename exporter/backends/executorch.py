@@ -42,6 +42,14 @@ class ExecuTorchBackend:
                 "aborts the ExecuTorch 1.5.1 runtime; use 'custom_sdpa' and 'custom' for the executorch target"
             )
         for i, rule in enumerate(recipe.quant.rules):
+            if not rule.symmetric and rule.scheme != "float":
+                raise UnsupportedError(f"quant.rules[{i}].symmetric: the executorch target stores symmetric integers only; "
+                                       f"remove symmetric = false")
+            if rule.scheme == "int4_weight" and rule.kind != "embedding":
+                raise UnsupportedError(
+                    f"quant.rules[{i}]: weight-only int4 linear is not correct on ExecuTorch/XNNPACK; "
+                    f"use scheme int8_dynact_int4_weight (or kind = \"embedding\" for an int4 embedding)"
+                )
             if rule.scheme == "int8_weight" and rule.kind != "embedding":
                 # Exports cleanly, then computes garbage on XNNPACK (logits off by up to 1e4);
                 # reproduced on a single Linear, see ../shared/STACK.md and docs/targets/executorch.md.
@@ -100,12 +108,19 @@ class ExecuTorchBackend:
         timings["emit_s"] = time.perf_counter() - t0
         return {"roles": {"program": PROGRAM_FILE}, "timings": timings}
 
-    # XNNPACK stores 8da4w group scales as bfloat16; the eager reference rounds to match.
-    @property
-    def group_scale_dtype(self):
+    def eager_kv_cache(self, recipe) -> tuple[str, str]:
+        """The program's own cache ops run in eager torch too: the reference is the same math."""
+        return recipe.kv_cache.attention, recipe.kv_cache.cache_update
+
+    def quantize(self, lm, spec):
+        """torchao quantization, with group scales rounded to bfloat16 as XNNPACK stores them."""
         import torch
 
-        return torch.bfloat16
+        from exporter.quantize import apply_quantization, round_group_scales
+
+        summary = apply_quantization(lm, spec)
+        round_group_scales(lm, torch.bfloat16)
+        return summary
 
     def runtime_name(self) -> str:
         from importlib.metadata import version
