@@ -1,13 +1,18 @@
-"""Side-by-side ExecuTorch throughput of several .pte files, interleaved, on this machine.
+"""Side-by-side throughput of several artifacts, interleaved, on this machine.
 
     .venv/bin/python benchmarks/side_by_side.py --rounds 5 --out bench-side-by-side.json \
-        ours-int4=out/int4/model.pte:out/int4/tokenizer.json \
-        optimum-8da4w=/path/model.pte:/path/tokenizer.json
+        ours-int4=executorch:out/int4/model.pte:out/int4/tokenizer.json \
+        optimum-8da4w=executorch:/path/model.pte:/path/tokenizer.json \
+        ours-onnx-int4=genai:out/onnx-int4 \
+        builder-int4=genai:/path/to/onnxruntime-genai-builder-output
 
-Every candidate runs through the same ExecuTorch TextLLMRunner session code as
-`recgpt-export bench` (exporter.backends.executorch.LLMRunnerSession), in a fresh worker
-process per round, and the candidates take turns within each round, so a slow phase of the
-machine hits all of them. Writes JSON (every sample and the medians) and prints a table.
+Each candidate is KIND:PATH. ``executorch`` runs a .pte through the same TextLLMRunner
+session code as `recgpt-export bench` (exporter.backends.executorch.LLMRunnerSession);
+``genai`` runs a folder with a genai_config.json through onnxruntime-genai's generator
+(exporter.backends.onnx.GenaiSession), as `recgpt-export bench` does for the onnx target.
+Each candidate runs in a fresh worker process per round, and the candidates take turns
+within each round, so a slow phase of the machine hits all of them. Writes JSON (every
+sample and the medians) and prints a table.
 """
 
 from __future__ import annotations
@@ -24,16 +29,38 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def worker(program: str, tokenizer: str, threads: int, out: str) -> None:
+def open_session(kind: str, paths: list[str], threads: int):
+    """(session, encode, decode) for one candidate."""
+    if kind == "executorch":
+        from exporter.backends.executorch import LLMRunnerSession, device_tokenizer
+
+        program, tokenizer = map(Path, paths)
+        encode, decode = device_tokenizer(tokenizer)
+        return LLMRunnerSession(program, tokenizer, threads=threads), encode, decode
+    if kind == "genai":
+        from exporter.backends.onnx import GenaiSession
+
+        session = GenaiSession(Path(paths[0]), threads=threads)
+        return session, session.encode, session.decode
+    raise SystemExit(f"unknown candidate kind {kind!r}: use executorch:PROGRAM.pte:TOKENIZER.json or genai:FOLDER")
+
+
+def candidate_size_mb(kind: str, paths: list[str]) -> float:
+    if kind == "executorch":
+        return os.path.getsize(paths[0]) / 1e6
+    folder = Path(paths[0])
+    return sum(p.stat().st_size for p in folder.glob("*.onnx*")) / 1e6
+
+
+def worker(spec: str, threads: int, out: str) -> None:
     sys.path.insert(0, str(ROOT))
     import resource
 
-    from exporter.backends.executorch import LLMRunnerSession, device_tokenizer
     from exporter.bench import prompt_text
 
-    encode, decode = device_tokenizer(Path(tokenizer))
-    session = LLMRunnerSession(Path(program), Path(tokenizer), threads=threads)
-    result = {}
+    kind, *paths = spec.split(":")
+    session, encode, decode = open_session(kind, paths, threads)
+    result = {"load_ms": session.load_ms}
     for length in (64, 256):
         text = prompt_text(encode, decode, length)
         session.run(text, max_new_tokens=1)  # warm-up
@@ -47,30 +74,28 @@ def worker(program: str, tokenizer: str, threads: int, out: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("candidates", nargs="+", help="NAME=PROGRAM.pte:TOKENIZER.json")
+    parser.add_argument("candidates", nargs="+", help="NAME=executorch:PROGRAM.pte:TOKENIZER.json or NAME=genai:FOLDER")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="bench-side-by-side.json")
     args = parser.parse_args()
-    candidates = {}
-    for item in args.candidates:
-        name, _, paths = item.partition("=")
-        program, _, tokenizer = paths.partition(":")
-        candidates[name] = (program, tokenizer)
+    candidates = dict(item.partition("=")[::2] for item in args.candidates)
     samples = {name: [] for name in candidates}
     for r in range(args.rounds):
-        for name, (program, tokenizer) in candidates.items():
+        for name, spec in candidates.items():
             with tempfile.TemporaryDirectory() as tmp:
                 out = os.path.join(tmp, "r.json")
-                subprocess.run([sys.executable, __file__, "--worker", program, tokenizer, str(args.threads), out],
-                               check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                proc = subprocess.run([sys.executable, __file__, "--worker", spec, str(args.threads), out],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                if proc.returncode != 0:
+                    raise SystemExit(f"{name}: worker failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
                 samples[name].append(json.loads(Path(out).read_text()))
             print(f"round {r + 1}/{args.rounds} {name} done", file=sys.stderr)
     summary = {}
     for name, runs in samples.items():
         med = lambda f: statistics.median(f(x) for x in runs)  # noqa: E731
         summary[name] = {
-            "size_mb": os.path.getsize(candidates[name][0]) / 1e6,
+            "size_mb": candidate_size_mb(candidates[name].split(":")[0], candidates[name].split(":")[1:]),
             "prefill_64_tok_s": med(lambda x: x["prefill_64"]["prefill_tok_s"]),
             "ttft_64_ms": med(lambda x: x["prefill_64"]["ttft_ms"]),
             "prefill_256_tok_s": med(lambda x: x["prefill_256"]["prefill_tok_s"]),
@@ -78,6 +103,7 @@ def main() -> None:
             "decode_tok_s": med(lambda x: x["decode_128"]["decode_tok_s"]),
             "decode_cpu_over_wall": med(lambda x: x["decode_128"]["cpu_s"] / x["decode_128"]["wall_s"]),
             "peak_rss_mb": med(lambda x: x["peak_rss_mb"]),
+            "load_ms": med(lambda x: x["load_ms"]),
             "rounds": len(runs),
         }
     Path(args.out).write_text(json.dumps({"threads": args.threads, "summary": summary, "samples": samples}, indent=2))
@@ -90,6 +116,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker(*sys.argv[2:4], int(sys.argv[4]), sys.argv[5])
+        worker(sys.argv[2], int(sys.argv[3]), sys.argv[4])
     else:
         main()

@@ -56,7 +56,9 @@ def run_bench(artifact, backend, spec, *, progress=lambda s: None) -> dict:
         shutil.rmtree(result_file.parent, ignore_errors=True)
     manifest = artifact.manifest
     artifact_bytes = sum(entry["bytes"] for entry in manifest["files"].values())
-    program_bytes = manifest["files"][manifest["roles"]["program"]]["bytes"]
+    # Weights may live beside the program (ONNX external data).
+    program_bytes = sum(manifest["files"][manifest["roles"][role]]["bytes"]
+                        for role in ("program", "weights") if role in manifest["roles"])
     report = {
         "artifact": manifest["name"],
         "device": raw["device"],
@@ -84,12 +86,14 @@ def run_bench(artifact, backend, spec, *, progress=lambda s: None) -> dict:
 
 
 def bytes_per_decoded_token(manifest: dict, program_bytes: int) -> int:
-    """Weights read per decoded token: the program minus the embedding table (one row is read),
+    """Weights read per decoded token: the weights minus the embedding table (one row is read),
     plus the KV cache read at the middle of the context. A roofline estimate, not a measurement."""
     meta, sig = manifest["model"], manifest["io_signature"]
     embed_rule = next((r for r in manifest["quantization"]["rules"] if "model.embed_tokens" in r["modules"]), None)
     bits = {"int8_weight": 8, "int4_weight": 4}.get(embed_rule["scheme"], 32) if embed_rule else 32
-    embedding_bytes = meta["vocab_size"] * meta["hidden_size"] * bits // 8
+    # A tied embedding stored once is read whole by the lm_head anyway.
+    shared = manifest["target"].get("shared_embedding", False)
+    embedding_bytes = 0 if shared else meta["vocab_size"] * meta["hidden_size"] * bits // 8
     layers, _, _, seq, kv_heads, head_dim = sig["state"]["kv_cache"]
     kv_bytes_mid_context = layers * 2 * (seq // 2) * kv_heads * head_dim * 4
     return int(program_bytes - embedding_bytes + kv_bytes_mid_context)

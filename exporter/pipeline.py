@@ -108,7 +108,8 @@ def export(recipe: ExportRecipe, *, out_dir: Path, model: str | None = None, for
         with Stage("quantize", backend.name, timings, progress):
             lm, summary = build_quantized(loaded, recipe, backend)
         with Stage("lower", backend.name, timings, progress):
-            lowered = backend.lower(lm, metadata=runtime_constants(meta, recipe), out_dir=tmp, on_stage=progress)
+            lowered = backend.lower(lm, recipe=recipe, model=meta, metadata=runtime_constants(meta, recipe), out_dir=tmp,
+                                    on_stage=progress)
         with Stage("write", backend.name, timings, progress):
             # Saved from the loaded tokenizer, not copied: transformers may replace parts of
             # tokenizer.json by model type (Qwen2Tokenizer installs its own pre-tokenizer and
@@ -123,9 +124,9 @@ def export(recipe: ExportRecipe, *, out_dir: Path, model: str | None = None, for
                 "recipe": recipe_to_dict(recipe),
                 "model": {"source": source, "checkpoint_dir": str(loaded.checkpoint_dir),
                           "weights_sha256": weights_digest(loaded.checkpoint_dir), **meta},
-                "target": {"name": backend.name, "backend": recipe.target.backend},
+                "target": {"name": backend.name, "backend": recipe.target.backend, **lowered.get("target_info", {})},
                 "roles": {**lowered["roles"], "tokenizer": "tokenizer.json"},
-                "io_signature": io_signature(lm),
+                "io_signature": lowered.get("io_signature") or io_signature(lm),
                 "quantization": summary.to_dict(),
                 "runtime_constants": runtime_constants(meta, recipe),
                 "environment": art.environment(),

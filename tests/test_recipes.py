@@ -13,7 +13,7 @@ def test_shipped_recipes_load():
     assert {"executorch-xnnpack-fp32", "executorch-xnnpack-int8", "executorch-xnnpack-int4"} <= names
     for path in list_recipe_files():
         recipe = load_recipe(path)
-        assert recipe.target.name == "executorch"
+        assert recipe.target.name in ("executorch", "onnx", "coreml")
 
 
 def test_int4_recipe_rules_in_order():

@@ -59,7 +59,7 @@ class ExecuTorchBackend:
                     f"and kind = \"linear\" (int8_weight is fine for kind = \"embedding\")"
                 )
 
-    def lower(self, lm, *, metadata: dict, out_dir: Path, on_stage: Callable[[str], None],
+    def lower(self, lm, *, recipe=None, model=None, metadata: dict, out_dir: Path, on_stage: Callable[[str], None],
               fast: bool = True) -> dict:
         """Capture, lower to XNNPACK and write model.pte; return {role: filename} and sub-stage times."""
         require("executorch", self.extra)

@@ -1,0 +1,101 @@
+"""Block-wise integer weights in ONNX Runtime's storage layout (MatMulNBits, GatherBlockQuantized).
+
+A weight ``W`` of shape [N, K] (a Linear's out x in, or an embedding's vocab x dim) is cut
+along K into blocks of ``block_size``; each (row, block) has a float32 scale and, when
+asymmetric, an unsigned zero point. Values are stored unsigned: ``q = round(w / scale) + zp``
+with ``zp`` fixed at the middle of the range when symmetric (8 for 4 bits, 128 for 8 bits,
+the defaults ONNX Runtime assumes when no zero point is given). 4-bit values are packed two
+per byte, the even element in the low nibble.
+
+``dequantize`` gives back exactly the float weight the runtime computes with; the eager
+reference is built from it, so lowering parity compares the same math.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockQuantized:
+    bits: int
+    block_size: int
+    symmetric: bool
+    shape: tuple[int, int]  # [N, K] of the float weight
+    packed: np.ndarray  # uint8 [N, k_blocks, block_size * bits / 8]
+    scales: np.ndarray  # float32 [N, k_blocks]
+    zero_points: np.ndarray | None  # uint8 [N, ceil(k_blocks * bits / 8)], None when symmetric
+
+    @property
+    def k_blocks(self) -> int:
+        return self.packed.shape[1]
+
+    def same_storage(self, other: "BlockQuantized") -> bool:
+        return (self.bits, self.block_size, self.symmetric, self.shape) == (
+            other.bits, other.block_size, other.symmetric, other.shape
+        ) and np.array_equal(self.packed, other.packed) and np.array_equal(self.scales, other.scales)
+
+
+def quantize_blockwise(weight: np.ndarray, *, bits: int, block_size: int, symmetric: bool) -> BlockQuantized:
+    """Round-to-nearest block quantization of a float [N, K] weight (K padded to whole blocks)."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    w = np.asarray(weight, dtype=np.float32)
+    n, k = w.shape
+    k_blocks = -(-k // block_size)
+    padded = np.zeros((n, k_blocks * block_size), dtype=np.float32)
+    padded[:, :k] = w
+    blocks = padded.reshape(n, k_blocks, block_size)
+    qmax = (1 << bits) - 1
+    if symmetric:
+        middle = 1 << (bits - 1)  # 8 or 128
+        # The value of largest magnitude maps to -middle exactly (as llama.cpp's Q4_0 does):
+        # one more level of resolution than absmax / (middle - 1), nothing clipped.
+        idx = np.abs(blocks).argmax(axis=-1)[..., None]
+        extreme = np.take_along_axis(blocks, idx, axis=-1)[..., 0]
+        scales = (extreme / -middle).astype(np.float32)
+        zero = np.full(scales.shape, middle, dtype=np.float32)
+    else:
+        lo = np.minimum(blocks.min(axis=-1), 0.0)
+        hi = np.maximum(blocks.max(axis=-1), 0.0)
+        scales = ((hi - lo) / qmax).astype(np.float32)
+        zero = np.clip(np.round(-lo / np.where(scales == 0, 1, scales)), 0, qmax)
+    safe = np.where(scales == 0, 1, scales)[..., None]
+    q = np.clip(np.round(blocks / safe) + zero[..., None], 0, qmax).astype(np.uint8)
+    return BlockQuantized(
+        bits=bits, block_size=block_size, symmetric=symmetric, shape=(n, k),
+        packed=_pack(q, bits), scales=scales,
+        zero_points=None if symmetric else _pack(zero.astype(np.uint8), bits),
+    )
+
+
+def dequantize(bq: BlockQuantized) -> np.ndarray:
+    """The float32 [N, K] weight the runtime computes with."""
+    n, k = bq.shape
+    q = _unpack(bq.packed, bq.bits, bq.block_size).astype(np.float32)
+    if bq.zero_points is None:
+        zero = np.full(bq.scales.shape, 1 << (bq.bits - 1), dtype=np.float32)
+    else:
+        zero = _unpack(bq.zero_points, bq.bits, bq.k_blocks).astype(np.float32)
+    w = (q - zero[..., None]) * bq.scales[..., None]
+    return w.reshape(n, -1)[:, :k]
+
+
+def _pack(values: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 values along the last axis, packed two per byte for 4 bits (low nibble first)."""
+    if bits == 8:
+        return values
+    if values.shape[-1] % 2:
+        values = np.concatenate([values, np.zeros(values.shape[:-1] + (1,), np.uint8)], axis=-1)
+    return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    if bits == 8:
+        return packed[..., :count]
+    out = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), dtype=np.uint8)
+    out[..., 0::2] = packed & 0x0F
+    out[..., 1::2] = packed >> 4
+    return out[..., :count]

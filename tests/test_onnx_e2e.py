@@ -1,0 +1,149 @@
+"""ONNX target end to end on the real ONNX Runtime and onnxruntime-genai, tiny models, offline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import write_recipe
+
+ONNX_TARGET = '[target]\nname = "onnx"\nbackend = "cpu"\n'
+TIGHT = "[parity]\nlowering_max_abs_diff = 1e-3\nlowering_cosine_min = 0.9999\nlowering_top1_min = 1.0\n"
+
+
+def rules(linear: str, embedding: str, group_size: int, symmetric: bool = True) -> str:
+    sym = "true" if symmetric else "false"
+    return f"""
+[[quant.rules]]
+match = "model.embed_tokens"
+kind = "embedding"
+scheme = "{embedding}"
+group_size = {group_size}
+symmetric = {sym}
+[[quant.rules]]
+match = "*"
+kind = "linear"
+scheme = "{linear}"
+group_size = {group_size}
+symmetric = {sym}
+"""
+
+
+def export_onnx(root, checkpoint, name: str, extra: str = ""):
+    from exporter.pipeline import export
+    from exporter.recipe_io import load_recipe
+
+    recipe = load_recipe(write_recipe(root / "r.toml", name, ONNX_TARGET + extra))
+    return export(recipe, out_dir=root / "art", model=str(checkpoint))
+
+
+@pytest.fixture(scope="module")
+def onnx_fp32(tiny_checkpoints, tmp_path_factory):
+    return export_onnx(tmp_path_factory.mktemp("onnx-fp32"), tiny_checkpoints["qwen3"], "tiny-qwen3-onnx-fp32",
+                       "[parity]\nquality_top1_min = 1.0\ngreedy_exact_match_min = 1.0\n")
+
+
+def test_folder_runs_in_both_runtimes(onnx_fp32):
+    manifest = json.loads((onnx_fp32 / "manifest.json").read_text())
+    assert manifest["target"]["name"] == "onnx" and manifest["target"]["opset"] == 23
+    assert manifest["roles"] == {"program": "model.onnx", "weights": "model.onnx.data",
+                                 "genai_config": "genai_config.json", "tokenizer": "tokenizer.json"}
+    assert {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json"} <= set(manifest["files"])
+    import onnx
+
+    onnx.checker.check_model(str(onnx_fp32 / "model.onnx"))
+    ops = {n.op_type for n in onnx.load(str(onnx_fp32 / "model.onnx"), load_external_data=False).graph.node}
+    assert "GroupQueryAttention" in ops and "RMSNormalization" in ops
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_fp32_parity_is_exact(tiny_checkpoints, tmp_path, arch):
+    from exporter.pipeline import verify
+
+    folder = export_onnx(tmp_path, tiny_checkpoints[arch], f"tiny-{arch}-onnx-fp32",
+                         "[parity]\nquality_top1_min = 1.0\ngreedy_exact_match_min = 1.0\n")
+    report = verify(folder)
+    assert report["passed"], report["failures"]
+    assert report["lowering"]["max_abs_diff"] <= 1e-3 and report["lowering"]["top1_agreement"] == 1.0
+    assert report["tokenizer"]["mismatches"] == 0
+    assert report["compared"]["runtime"].startswith("onnxruntime 1.32.0")
+
+
+@pytest.mark.parametrize("arch,linear,embedding,group,symmetric", [
+    ("qwen3", "int4_weight", "int4_weight", 32, True),   # tied: embedding and lm_head share one blob
+    ("qwen2", "int8_weight", "int8_weight", 64, False),  # asymmetric, zero points stored
+    ("llama", "int4_weight", "int8_weight", 32, False),
+])
+def test_quantized_lowering_parity_is_tight(tiny_checkpoints, tmp_path, arch, linear, embedding, group, symmetric):
+    """The graph computes with exactly the dequantized weights of the eager reference.
+    Quality against float is not gated here: random tiny weights exaggerate quantization."""
+    from exporter.pipeline import verify
+
+    extra = rules(linear, embedding, group, symmetric) + TIGHT + "quality_top1_min = 0.0\nquality_kl_mean_max = 100.0\n"
+    folder = export_onnx(tmp_path, tiny_checkpoints[arch], f"tiny-{arch}-onnx-q", extra)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["quantization"]["unmatched"] == []
+    # Qwen2 and Qwen3 tie embeddings; stored alike, the matrix is written once.
+    assert manifest["target"]["shared_embedding"] is (arch != "llama")
+    report = verify(folder)
+    assert report["passed"], report["failures"]
+    assert report["lowering"]["max_abs_diff"] <= 1e-3 and report["lowering"]["top1_agreement"] == 1.0
+    assert report["quality"]["kl_mean"] > 1e-6  # it really is quantized
+
+
+def test_int4_folder_is_smaller_than_fp32(onnx_fp32, tiny_checkpoints, tmp_path):
+    folder = export_onnx(tmp_path, tiny_checkpoints["qwen3"], "tiny-qwen3-onnx-int4", rules("int4_weight", "int4_weight", 32))
+    size = lambda f: (f / "model.onnx.data").stat().st_size  # noqa: E731
+    assert size(folder) < size(onnx_fp32) / 4
+
+
+def test_genai_greedy_equals_onnxruntime(onnx_fp32):
+    """The same folder under onnxruntime_genai's own generator gives ONNX Runtime's greedy tokens."""
+    import onnxruntime_genai as og
+
+    from exporter import artifact as art
+    from exporter.backends import get_backend
+    from exporter.runners import greedy
+
+    artifact = art.read_artifact(onnx_fp32)
+    backend = get_backend("onnx")
+    encode, _ = backend.shipped_tokenizer(artifact)
+    prompt = encode("用户最近行为：搜索 无线蓝牙耳机；点击 降噪耳机。下一个搜索：")
+    ours = greedy(backend.load_runner(artifact), prompt, 24, eos_ids=set())
+
+    model = og.Model(str(onnx_fp32))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 24, do_sample=False, min_length=len(prompt) + 24)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.asarray(prompt, dtype=np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    theirs = [int(t) for t in generator.get_sequence(0)][len(prompt):]
+    assert theirs == ours
+
+
+def test_generate_and_bench(onnx_fp32, cli):
+    code, out, _ = cli("generate", onnx_fp32, "--prompt", "用户搜索 无线蓝牙耳机", "--max-new-tokens", "8")
+    assert code == 0 and out.strip()
+    code, out, _ = cli("bench", onnx_fp32, "--runs", "2", "--warmup", "1")
+    assert code == 0, out
+    report = json.loads((onnx_fp32 / "bench.json").read_text())
+    assert report["runtime"].startswith("onnxruntime") and report["prefill_tok_s"]["median"] > 0
+    assert report["decode_tok_s"]["runs"] == 2 and report["bytes_per_decoded_token"] > 0
+
+
+def test_block_size_that_does_not_divide_a_layer(cli, tiny_checkpoints, tmp_path):
+    recipe = write_recipe(tmp_path / "r.toml", "x", ONNX_TARGET + rules("int4_weight", "int4_weight", 128))
+    code, _, err = cli("export", recipe, "--model", tiny_checkpoints["llama"], "--out", tmp_path / "art")
+    last_line = err.strip().splitlines()[-1]  # earlier lines are progress
+    assert code == 3 and "group_size: 128 does not divide the input width 64" in last_line
+    assert not (tmp_path / "art").exists()
+
+
+def test_opset_the_runtime_lacks(cli, tiny_checkpoints, tmp_path):
+    for opset, message in ((99, "runs opsets up to"), (17, "needs opset 23 or newer")):
+        recipe = write_recipe(tmp_path / f"r{opset}.toml", "x", ONNX_TARGET + f"[target.onnx]\nopset = {opset}\n")
+        code, _, err = cli("export", recipe, "--model", tiny_checkpoints["llama"], "--out", tmp_path / "art")
+        assert code == 5 and message in err and not (tmp_path / "art").exists()
