@@ -67,8 +67,8 @@ class OnnxBackend:
         dequantized values, so ``lm`` computes exactly what the graph will."""
         import torch
 
-        from exporter.onnx_graph import ONNX_WEIGHT_ATTR
-        from exporter.onnx_quant import dequantize, quantize_blockwise
+        from exporter.onnx_graph import ACCURACY_INT8, ONNX_WEIGHT_ATTR
+        from exporter.onnx_quant import dequantize, fake_quantize_activation, quantize_blockwise
         from exporter.quantize import plan
 
         summary = plan(lm, spec)
@@ -88,6 +88,10 @@ class OnnxBackend:
                 stored = quantize_blockwise(weight, bits=bits, block_size=rule.group_size, symmetric=rule.symmetric)
                 setattr(module, ONNX_WEIGHT_ATTR, stored)
                 module.onnx_accuracy_level = accuracy
+                if accuracy == ACCURACY_INT8:
+                    # The kernel quantizes its input per block; the reference does the same.
+                    module.register_forward_pre_hook(
+                        lambda _m, args, block=rule.group_size: (fake_quantize_activation(args[0], block),))
                 with torch.no_grad():
                     module.weight = torch.nn.Parameter(torch.from_numpy(dequantize(stored)), requires_grad=False)
         return summary
@@ -217,6 +221,10 @@ class OrtRunner(ChunkedPrefillMixin):
         self.max_seq_len = max_seq_len
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # verify alternates this session with eager torch in one process: idle ORT workers
+        # spinning for work would take the cores torch needs (a 64 s verify took > 10 min
+        # on a busy 2-core machine).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
