@@ -5,6 +5,8 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 DEMO_RECIPE ?= smollm2-135m/executorch-xnnpack-int4
 DEMO_OUT ?= out/demo-smollm2-int4
+DEMO_ONNX_RECIPE ?= smollm2-135m/onnx-int4
+DEMO_ONNX_OUT ?= out/demo-smollm2-onnx-int4
 
 .PHONY: demo test venv clean
 
@@ -29,6 +31,11 @@ demo: venv
 	$(VENV)/bin/recgpt-export verify $(DEMO_OUT) || echo "demo: a parity gate failed (exit $$?); see $(DEMO_OUT)/parity.json"
 	$(VENV)/bin/recgpt-export bench $(DEMO_OUT)
 	$(VENV)/bin/recgpt-export generate $(DEMO_OUT) --prompt "用户最近行为：搜索 无线蓝牙耳机；点击 降噪耳机。下一个搜索："
+	# The same model through the ONNX target (onnxruntime, onnxruntime-genai).
+	$(VENV)/bin/recgpt-export export $(DEMO_ONNX_RECIPE) --out $(DEMO_ONNX_OUT) --force
+	$(VENV)/bin/recgpt-export verify $(DEMO_ONNX_OUT) || echo "demo: a parity gate failed (exit $$?); see $(DEMO_ONNX_OUT)/parity.json"
+	$(VENV)/bin/recgpt-export bench $(DEMO_ONNX_OUT)
+	$(VENV)/bin/recgpt-export generate $(DEMO_ONNX_OUT) --prompt "用户最近行为：搜索 无线蓝牙耳机；点击 降噪耳机。下一个搜索："
 
 test: venv
 	$(PY) -m pytest -q tests

@@ -23,7 +23,7 @@ MANIFEST_VERSION = 1
 # Every tool whose version can change the exported bytes or the measured numbers.
 TRACKED_PACKAGES = (
     "recgpt-export", "torch", "executorch", "torchao", "transformers", "tokenizers",
-    "numpy", "safetensors", "pytorch-tokenizers", "coremltools", "onnx", "onnxruntime",
+    "numpy", "safetensors", "pytorch-tokenizers", "coremltools", "onnx", "onnxruntime", "onnxruntime-genai",
 )
 
 

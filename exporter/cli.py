@@ -183,7 +183,8 @@ def inspect(folder: ArtifactDir, json_: JsonFlag = False) -> None:
     if json_:
         out_console.print_json(json.dumps(m))
         return
-    out_console.print(f"[bold]{m['name']}[/bold]  target {m['target']['name']}/{m['target']['backend']}  created {m['created']}")
+    opset = f" opset {m['target']['opset']}" if "opset" in m["target"] else ""
+    out_console.print(f"[bold]{m['name']}[/bold]  target {m['target']['name']}/{m['target']['backend']}{opset}  created {m['created']}")
     out_console.print(f"model {m['model']['source']} ({m['model']['architecture']}, vocab {m['model']['vocab_size']}, "
                       f"max_seq_len {m['model']['max_seq_len']}, max_prefill_len {m['model']['max_prefill_len']})")
     files = Table(title="files")
