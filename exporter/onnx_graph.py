@@ -35,7 +35,6 @@ ACCURACY_FLOAT, ACCURACY_INT8 = 0, 4
 
 @dataclass
 class GraphWriter:
-    opset: int
     nodes: list = field(default_factory=list)
     initializers: list = field(default_factory=list)
     _names: set = field(default_factory=set)
@@ -94,6 +93,11 @@ def linear(g: GraphWriter, x: str, name: str, weight, bias: np.ndarray | None, a
     return y
 
 
+def project(g: GraphWriter, x: str, name: str, module) -> str:
+    """One nn.Linear of the decoder, stored as the backend quantized it."""
+    return linear(g, x, name, weight_of(module), _bias(module), accuracy_of(module))
+
+
 def _bias(module) -> np.ndarray | None:
     return None if module.bias is None else module.bias.detach().float().numpy()
 
@@ -129,7 +133,7 @@ def build_graph(lm, *, opset: int):
 
     s = lm.shape
     eps = float(s.rms_norm_eps)
-    g = GraphWriter(opset=opset)
+    g = GraphWriter()
     batch, seq, total, past = "batch_size", "sequence_length", "total_sequence_length", "past_sequence_length"
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [batch, seq]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [batch, total])]
@@ -166,8 +170,7 @@ def build_graph(lm, *, opset: int):
                          qkv_bias, accuracy_of(attn.q_proj))
             q, k, v = qkv, "", ""
         else:
-            q, k, v = (linear(g, x, f"{prefix}.self_attn.{n}_proj", weight_of(m), _bias(m), accuracy_of(m))
-                       for n, m in zip("qkv", projections))
+            q, k, v = (project(g, x, f"{prefix}.self_attn.{n}_proj", m) for n, m in zip("qkv", projections))
             if s.qk_norm:
                 q = _head_norm(g, q, attn.q_norm, f"{prefix}.self_attn.q_norm", eps)
                 k = _head_norm(g, k, attn.k_norm, f"{prefix}.self_attn.k_norm", eps)
@@ -179,24 +182,23 @@ def build_graph(lm, *, opset: int):
             do_rotary=1, rotary_interleaved=0, local_window_size=-1,
         )
         g.nodes[-1].output[1:] = [f"present.{i}.key", f"present.{i}.value"]
-        o = linear(g, attn_out, f"{prefix}.self_attn.o_proj", weight_of(attn.o_proj), _bias(attn.o_proj), accuracy_of(attn.o_proj))
+        o = project(g, attn_out, f"{prefix}.self_attn.o_proj", attn.o_proj)
         x, residual = _norm(g, residual, o, layer.post_attention_layernorm, f"{prefix}.post_attention_layernorm", eps)
         mlp = layer.mlp
-        gate = linear(g, x, f"{prefix}.mlp.gate_proj", weight_of(mlp.gate_proj), _bias(mlp.gate_proj), accuracy_of(mlp.gate_proj))
-        up = linear(g, x, f"{prefix}.mlp.up_proj", weight_of(mlp.up_proj), _bias(mlp.up_proj), accuracy_of(mlp.up_proj))
+        gate = project(g, x, f"{prefix}.mlp.gate_proj", mlp.gate_proj)
+        up = project(g, x, f"{prefix}.mlp.up_proj", mlp.up_proj)
         (sig,) = g.node("Sigmoid", [gate], f"/{prefix}/mlp/Sigmoid")
         (silu,) = g.node("Mul", [gate, sig], f"/{prefix}/mlp/SiLU")
         (act,) = g.node("Mul", [silu, up], f"/{prefix}/mlp/Mul")
-        pending = linear(g, act, f"{prefix}.mlp.down_proj", weight_of(mlp.down_proj), _bias(mlp.down_proj), accuracy_of(mlp.down_proj))
+        pending = project(g, act, f"{prefix}.mlp.down_proj", mlp.down_proj)
 
     # Last position only, before the final norm and the lm_head (the vocabulary projection
     # over a whole prompt would cost more than the rest of a prefill step).
     last_residual, last_pending = (g.node("Slice", [t, g.ints([-1]), g.ints([np.iinfo(np.int64).max]), g.ints([1])],
                                           f"/final/Slice_{j}")[0] for j, t in enumerate((residual, pending)))
     x, _ = _norm(g, last_residual, last_pending, lm.model.norm, "model.norm", eps)
-    logits = _lm_head(g, lm, x)
-    g.nodes[-1].output[0] = "logits"
-    del logits
+    _lm_head(g, lm, x)
+    g.nodes[-1].output[0] = "logits"  # the graph output's name, as onnxruntime-genai expects
 
     graph = helper.make_graph(g.nodes, "recgpt_decoder", inputs, outputs, g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, 1)],
@@ -269,4 +271,4 @@ def _lm_head(g: GraphWriter, lm, x: str) -> str:
         (y,) = g.node("MatMulNBits", inputs, "/lm_head/MatMulNBits", domain=MS_DOMAIN, K=k, N=n,
                       bits=head.bits, block_size=head.block_size, accuracy_level=accuracy_of(lm.lm_head))
         return y
-    return linear(g, x, "lm_head", head, _bias(lm.lm_head), accuracy_of(lm.lm_head))
+    return project(g, x, "lm_head", lm.lm_head)

@@ -50,6 +50,10 @@ class OnnxBackend:
         if (kv.attention, kv.cache_update) != ("custom_sdpa", "custom"):
             raise UnsupportedError("the onnx target always uses the fused GroupQueryAttention op over an in-place cache; "
                                    "leave kv_cache.attention = 'custom_sdpa' and kv_cache.cache_update = 'custom'")
+        for i, rule in enumerate(recipe.quant.rules):
+            if rule.scheme != "float" and rule.scheme not in _LINEAR_STORAGE:
+                raise UnsupportedError(f"quant.rules[{i}].scheme: {rule.scheme} has no ONNX Runtime storage; use one of "
+                                       f"float, {', '.join(_LINEAR_STORAGE)}")
         opset = recipe.target.onnx.opset
         if opset < MIN_OPSET:
             raise UnsupportedError(f"target.onnx.opset {opset}: the graph needs opset {MIN_OPSET} or newer (RMSNormalization)")
