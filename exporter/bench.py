@@ -56,7 +56,7 @@ def run_bench(artifact, backend, spec, *, progress=lambda s: None) -> dict:
         shutil.rmtree(result_file.parent, ignore_errors=True)
     manifest = artifact.manifest
     artifact_bytes = sum(entry["bytes"] for entry in manifest["files"].values())
-    program_bytes = manifest["files"][manifest["roles"]["program"]]["bytes"]
+    program_bytes = program_size(manifest)
     report = {
         "artifact": manifest["name"],
         "device": raw["device"],
@@ -81,6 +81,13 @@ def run_bench(artifact, backend, spec, *, progress=lambda s: None) -> dict:
     report["prefill_tok_s"] = report["prefill"][longest]["prefill_tok_s"]
     report["ttft_ms"] = report["prefill"][longest]["ttft_ms"]
     return report
+
+
+def program_size(manifest: dict) -> int:
+    """Bytes of the program: one file (.pte, .onnx) or every file of a folder (.mlpackage)."""
+    program = manifest["roles"]["program"]
+    return sum(entry["bytes"] for rel, entry in manifest["files"].items()
+               if rel == program or rel.startswith(program.rstrip("/") + "/"))
 
 
 def bytes_per_decoded_token(manifest: dict, program_bytes: int) -> int:

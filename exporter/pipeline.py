@@ -125,7 +125,8 @@ def export(recipe: ExportRecipe, *, out_dir: Path, model: str | None = None, for
                           "weights_sha256": weights_digest(loaded.checkpoint_dir), **meta},
                 "target": {"name": backend.name, "backend": recipe.target.backend},
                 "roles": {**lowered["roles"], "tokenizer": "tokenizer.json"},
-                "io_signature": io_signature(lm),
+                # A backend whose program's inputs differ (Core ML: int32) returns its own.
+                "io_signature": lowered.get("io_signature") or io_signature(lm),
                 "quantization": summary.to_dict(),
                 "runtime_constants": runtime_constants(meta, recipe),
                 "environment": art.environment(),
