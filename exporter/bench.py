@@ -56,9 +56,7 @@ def run_bench(artifact, backend, spec, *, progress=lambda s: None) -> dict:
         shutil.rmtree(result_file.parent, ignore_errors=True)
     manifest = artifact.manifest
     artifact_bytes = sum(entry["bytes"] for entry in manifest["files"].values())
-    # Weights may live beside the program (ONNX external data).
-    program_bytes = sum(manifest["files"][manifest["roles"][role]]["bytes"]
-                        for role in ("program", "weights") if role in manifest["roles"])
+    program_bytes = program_size(manifest)
     report = {
         "artifact": manifest["name"],
         "device": raw["device"],
@@ -83,6 +81,14 @@ def run_bench(artifact, backend, spec, *, progress=lambda s: None) -> dict:
     report["prefill_tok_s"] = report["prefill"][longest]["prefill_tok_s"]
     report["ttft_ms"] = report["prefill"][longest]["ttft_ms"]
     return report
+
+
+def program_size(manifest: dict) -> int:
+    """Bytes of the program and its weights: one file (.pte), a file and its external data
+    (.onnx + .onnx.data, the "weights" role) or every file of a folder (.mlpackage)."""
+    roots = [manifest["roles"][role] for role in ("program", "weights") if role in manifest["roles"]]
+    return sum(entry["bytes"] for rel, entry in manifest["files"].items()
+               if any(rel == root or rel.startswith(root.rstrip("/") + "/") for root in roots))
 
 
 def bytes_per_decoded_token(manifest: dict, program_bytes: int) -> int:

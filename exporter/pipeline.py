@@ -126,6 +126,7 @@ def export(recipe: ExportRecipe, *, out_dir: Path, model: str | None = None, for
                           "weights_sha256": weights_digest(loaded.checkpoint_dir), **meta},
                 "target": {"name": backend.name, "backend": recipe.target.backend, **lowered.get("target_info", {})},
                 "roles": {**lowered["roles"], "tokenizer": "tokenizer.json"},
+                # A backend whose program differs (ONNX's named tensors, Core ML's int32 inputs) returns its own.
                 "io_signature": lowered.get("io_signature") or io_signature(lm),
                 "quantization": summary.to_dict(),
                 "runtime_constants": runtime_constants(meta, recipe),

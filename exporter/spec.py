@@ -16,8 +16,10 @@ SCHEMA_VERSION = 1
 # Linear schemes. Weight-only "int8_weight" (per channel) and "int4_weight" (per group) are
 # valid for targets that run them correctly; ExecuTorch/XNNPACK refuses both (see
 # backends/executorch.py). Each backend's validate() says which schemes it supports.
-LINEAR_SCHEMES = ("float", "int8_weight", "int4_weight", "int8_dynact_int8_weight", "int8_dynact_int4_weight")
-EMBEDDING_SCHEMES = ("float", "int8_weight", "int4_weight")
+# "palettize_4bit" (Core ML only): a 16-entry lookup table per group of group_size output channels.
+LINEAR_SCHEMES = ("float", "int8_weight", "int4_weight", "int8_dynact_int8_weight", "int8_dynact_int4_weight",
+                  "palettize_4bit")
+EMBEDDING_SCHEMES = ("float", "int8_weight", "int4_weight", "palettize_4bit")
 MODULE_KINDS = ("linear", "embedding", "any")
 GROUP_SIZES = (32, 64, 128)
 DTYPES = ("float32",)

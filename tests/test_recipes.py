@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from exporter.backends import get_backend
 from exporter.errors import RecipeError, UsageError
 from exporter.recipe_io import apply_override, list_recipe_files, load_recipe, recipe_from_dict
 
@@ -11,9 +12,11 @@ from exporter.recipe_io import apply_override, list_recipe_files, load_recipe, r
 def test_shipped_recipes_load():
     names = {p.stem for p in list_recipe_files()}
     assert {"executorch-xnnpack-fp32", "executorch-xnnpack-int8", "executorch-xnnpack-int4"} <= names
+    assert {"coreml-fp16", "coreml-int8", "coreml-int4"} <= names
     for path in list_recipe_files():
         recipe = load_recipe(path)
-        assert recipe.target.name in ("executorch", "onnx", "coreml")
+        assert recipe.target.name == path.stem.split("-")[0]  # the file name says the target
+        get_backend(recipe.target.name).validate(recipe)  # and that target accepts it
 
 
 def test_int4_recipe_rules_in_order():

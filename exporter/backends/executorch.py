@@ -45,6 +45,9 @@ class ExecuTorchBackend:
             if not rule.symmetric and rule.scheme != "float":
                 raise UnsupportedError(f"quant.rules[{i}].symmetric: the executorch target stores symmetric integers only; "
                                        f"remove symmetric = false")
+            if rule.scheme == "palettize_4bit":
+                raise UnsupportedError(f"quant.rules[{i}]: palettize_4bit is a Core ML storage format; "
+                                       f"use int8_dynact_int4_weight on the executorch target")
             if rule.scheme == "int4_weight" and rule.kind != "embedding":
                 raise UnsupportedError(
                     f"quant.rules[{i}]: weight-only int4 linear is not correct on ExecuTorch/XNNPACK; "
