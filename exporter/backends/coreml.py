@@ -119,8 +119,11 @@ class CoreMLBackend:
 
     # -- export --------------------------------------------------------------------------
 
-    def lower(self, lm, *, metadata: dict, out_dir: Path, on_stage: Callable[[str], None]) -> dict:
+    def lower(self, lm, *, recipe=None, model=None, metadata: dict, out_dir: Path,
+              on_stage: Callable[[str], None]) -> dict:
         ct = require("coremltools", self.extra)
+        if recipe is not None:
+            self._recipe = recipe
         import torch
 
         from exporter.backends.coreml_program import CoreMLDecoder, state_names
