@@ -10,8 +10,9 @@ Two implementations of each half, chosen by the recipe (kv_cache.attention / cac
   and ``llama::update_cache`` (an in-place row write). Measured faster, see docs/benchmarks.md.
 - ``sdpa`` / ``index_copy``: portable aten ops (masked SDPA over the whole cache with
   ``enable_gqa``; ``index_copy_``), the baseline the custom ops were to be measured against.
-  Correct in eager torch; the executorch target refuses them for now, because the program
-  they export aborts the ExecuTorch 1.5.1 runtime (docs/targets/executorch.md).
+  Correct in eager torch. The executorch target runs aten SDPA (with llama::update_cache)
+  but refuses index_copy_, whose program aborts the ExecuTorch 1.5.1 runtime
+  (docs/targets/executorch.md).
 """
 
 from __future__ import annotations
