@@ -22,7 +22,9 @@ COREML = '''
 name = "coreml"
 backend = "mlprogram"
 '''
-FAST_PARITY = "[parity]\nprompts = 2\ngreedy_tokens = 8\n"
+# fp16 compute: logits differ from the float32 eager model by fp16 rounding only (measured
+# 2e-3..4e-3 on these models); the default 1e-3 max-abs gate is a float32 bound.
+FAST_PARITY = "[parity]\nprompts = 2\ngreedy_tokens = 8\nlowering_max_abs_diff = 2e-2\n"
 
 
 def coreml_recipe(path, name, extra=""):
@@ -74,14 +76,10 @@ def test_fp16_package_matches_eager(fp16_artifacts, arch):
     low = report["lowering"]
     assert low["positions"] == 2 * 33
     assert low["top1_agreement"] == 1.0 and low["cosine_min"] >= 0.9999, low
-    # fp16 compute: the logits differ from the float32 eager model by fp16 rounding only
-    # (measured 2e-3..4e-3 on these models; the default 1e-3 gate is for float32 targets).
-    assert low["max_abs_diff"] < 2e-2
+    assert report["passed"], report["failures"]  # max abs within FP16_GATE too
     assert report["quality"]["top1_agreement"] == 1.0
     assert report["tokenizer"]["mismatches"] == 0
     assert report["compared"]["runtime"].startswith("recgpt-export Core ML interpreter (NumPy)")
-    # Only the max-abs gate (1e-3 by default, a float32 bound) may fail on an fp16 package.
-    assert all(f.startswith("lowering: max abs") for f in report["failures"]), report["failures"]
 
 
 def test_package_layout_metadata_and_manifest(fp16_artifacts, cli):

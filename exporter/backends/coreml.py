@@ -65,10 +65,10 @@ class CoreMLQuantSummary(QuantSummary):
 
     def to_dict(self) -> dict:
         d = super().to_dict()
-        for entry in d["rules"]:
+        for entry, match in zip(d["rules"], self.rules):
             entry["coreml_storage"] = STORAGE.get(entry["scheme"], entry["scheme"])
-            if entry["scheme"] == "palettize_4bit":
-                entry["group_size"] = next(m.rule.group_size for m in self.rules if m.rule.scheme == "palettize_4bit")
+            if entry["scheme"] == "palettize_4bit":  # output channels per palette
+                entry["group_size"] = match.rule.group_size
         d["coreml"] = {
             "compute_precision": "fp16",
             "unlisted_weights": "fp16 (norms, biases, RoPE tables, modules kept float)",
@@ -179,7 +179,7 @@ class CoreMLBackend:
     def runtime_name(self) -> str:
         if native_predict_available():
             return f"Core ML (coremltools {coremltools_version()} MLModel.predict, macOS {platform.mac_ver()[0]})"
-        return f"recgpt-export Core ML interpreter (NumPy), coremltools {coremltools_version()} schema"
+        return f"recgpt-export Core ML interpreter (NumPy), coremltools {coremltools_version()}"
 
     def load_runner(self, artifact):
         meta = artifact.manifest["model"]

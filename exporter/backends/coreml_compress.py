@@ -88,9 +88,8 @@ def palettize(weight: torch.Tensor, group: int, iterations: int = 12) -> Compres
         sums = torch.zeros_like(cent).scatter_add_(1, idx, x)
         counts = torch.zeros_like(cent).scatter_add_(1, idx, torch.ones_like(x))
         cent = torch.where(counts > 0, sums / counts.clamp(min=1), cent)
-    lut = cent.to(torch.float16)
-    lut32 = lut.to(torch.float32)
-    lut32, order = torch.sort(lut32, dim=1)
+    # The stored table is fp16: assign every weight to its nearest fp16 entry.
+    lut32, _ = torch.sort(cent.to(torch.float16).to(torch.float32), dim=1)
     idx = torch.searchsorted((lut32[:, 1:] + lut32[:, :-1]) / 2, x.contiguous())
     return Compressed(scheme="palettize_4bit", data=idx.to(torch.uint8).reshape(out_f, in_f).numpy(),
                       lut=lut32.to(torch.float16).numpy().reshape(out_f // group, 1, 16, 1))

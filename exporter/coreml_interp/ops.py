@@ -391,13 +391,10 @@ def constexpr_lut_to_dense(ctx, indices, lut, vector_axis=None):
 
 @op()
 def constexpr_affine_dequantize(ctx, quantized_data, zero_point, scale, axis):
-    shape = [1] * quantized_data.ndim
-    axis = int(axis)
+    """iOS 16 per-channel dequantization along ``axis`` (or per tensor for scalar parameters)."""
+    along = [-1 if a == int(axis) else 1 for a in range(quantized_data.ndim)]
     zp = np.asarray(zero_point, np.float32)
     sc = np.asarray(scale, np.float32)
-    if zp.ndim:
-        zp = zp.reshape([-1 if a == axis else 1 for a in range(quantized_data.ndim)])
-    if sc.ndim:
-        sc = sc.reshape([-1 if a == axis else 1 for a in range(quantized_data.ndim)])
-    del shape
+    zp = zp.reshape(along) if zp.ndim else zp
+    sc = sc.reshape(along) if sc.ndim else sc
     return (quantized_data.astype(np.float32) - zp) * sc
