@@ -9,6 +9,7 @@ unexpectedly; 130 interrupted.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,9 @@ ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoi
 @app.callback()
 def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False) -> None:
     _state["debug"] = debug
+    # A non-interactive shell starts background jobs with SIGINT ignored and children inherit
+    # it; an export must still stop cleanly, leaving nothing behind, when sent SIGINT.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if not debug:
         quiet_libraries()
 
