@@ -28,11 +28,8 @@ FAST_PARITY = "[parity]\nprompts = 2\ngreedy_tokens = 8\nlowering_max_abs_diff =
 
 
 def coreml_recipe(path, name, extra=""):
-    """The shared tiny recipe with the Core ML target and its eager-reference cache."""
-    recipe = write_recipe(path, name, extra + COREML)
-    text = recipe.read_text().replace("max_prefill_len = 32", 'max_prefill_len = 32\nattention = "sdpa"\ncache_update = "index_copy"')
-    recipe.write_text(text)
-    return recipe
+    """The shared tiny recipe with the Core ML target."""
+    return write_recipe(path, name, extra + COREML)
 
 
 def rules(linear_scheme: str, lm_head: str = "int8_weight") -> str:
@@ -200,7 +197,7 @@ def test_block_that_does_not_divide_is_refused(tiny_checkpoints, tmp_path, cli):
 @pytest.mark.parametrize("change,message", [
     (("int4_weight", "int8_dynact_int4_weight"), "quantizes activations at run time, which Core ML does not do"),
     (('backend = "mlprogram"', 'backend = "xnnpack"'), 'set target.backend = "mlprogram"'),
-    (('attention = "sdpa"', 'attention = "custom_sdpa"'), "kv_cache.attention = 'sdpa'"),
+    (("max_prefill_len = 32", 'max_prefill_len = 32\nattention = "sdpa"'), "kv_cache.attention = 'custom_sdpa'"),
 ])
 def test_validate_refuses(tiny_checkpoints, tmp_path, cli, change, message):
     recipe = coreml_recipe(tmp_path / "r.toml", "x", rules("int4_weight"))

@@ -92,10 +92,12 @@ class CoreMLBackend:
             raise UnsupportedError(f"target.backend {recipe.target.backend!r}: the coreml target builds an ML program; "
                                    f"set target.backend = \"mlprogram\"")
         kv = recipe.kv_cache
-        if (kv.attention, kv.cache_update) != ("sdpa", "index_copy"):
+        if (kv.attention, kv.cache_update) != ("custom_sdpa", "custom"):
+            # As for the onnx target: the program always uses the target's fused attention
+            # (Core ML's scaled_dot_product_attention) and an in-place state update.
             raise UnsupportedError(
-                "the coreml target's program uses Core ML's fused attention and a state slice update, whose eager "
-                "reference is kv_cache.attention = 'sdpa' and kv_cache.cache_update = 'index_copy'; set both")
+                "the coreml target always uses Core ML's fused attention over an in-place state; "
+                "leave kv_cache.attention = 'custom_sdpa' and kv_cache.cache_update = 'custom'")
         for i, rule in enumerate(recipe.quant.rules):
             if rule.scheme.startswith("int8_dynact"):
                 raise UnsupportedError(
