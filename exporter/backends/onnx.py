@@ -130,7 +130,10 @@ class OnnxBackend:
         }
 
     def runtime_name(self) -> str:
-        return f"onnxruntime {_ort().__version__} (CPU)"
+        from importlib.metadata import version
+
+        # verify runs onnxruntime directly; bench runs the same session under onnxruntime-genai.
+        return f"onnxruntime {_ort().__version__} (CPU; bench through onnxruntime-genai {version('onnxruntime-genai')})"
 
     def load_runner(self, artifact, *, threads: int | None = None):
         meta = artifact.manifest["model"]
