@@ -30,18 +30,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def open_session(kind: str, paths: list[str], threads: int):
-    """(session, encode, decode) for one candidate."""
+    """The bench session for one candidate (it carries the runtime's own encode/decode)."""
     if kind == "executorch":
-        from exporter.backends.executorch import LLMRunnerSession, device_tokenizer
+        from exporter.backends.executorch import LLMRunnerSession
 
         program, tokenizer = map(Path, paths)
-        encode, decode = device_tokenizer(tokenizer)
-        return LLMRunnerSession(program, tokenizer, threads=threads), encode, decode
+        return LLMRunnerSession(program, tokenizer, threads=threads)
     if kind == "genai":
         from exporter.backends.onnx import GenaiSession
 
-        session = GenaiSession(Path(paths[0]), threads=threads)
-        return session, session.encode, session.decode
+        return GenaiSession(Path(paths[0]), threads=threads)
     raise SystemExit(f"unknown candidate kind {kind!r}: use executorch:PROGRAM.pte:TOKENIZER.json or genai:FOLDER")
 
 
@@ -59,7 +57,8 @@ def worker(spec: str, threads: int, out: str) -> None:
     from exporter.bench import prompt_text
 
     kind, *paths = spec.split(":")
-    session, encode, decode = open_session(kind, paths, threads)
+    session = open_session(kind, paths, threads)
+    encode, decode = session.encode, session.decode
     result = {"load_ms": session.load_ms}
     for length in (64, 256):
         text = prompt_text(encode, decode, length)

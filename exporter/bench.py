@@ -119,7 +119,9 @@ def _worker(folder: str, result_path: str, spec_json: str) -> None:
     baseline = _rss_mb()
     session = backend.open_bench_session(artifact, threads=spec["threads"])
     load_ms = session.load_ms
-    encode, decode = backend.shipped_tokenizer(artifact)
+    # The session's own tokenizer: a second one could load the model again (onnxruntime-genai's
+    # tokenizer needs a Model) and count it in peak RSS.
+    encode, decode = session.encode, session.decode
     out = {"load_ms": load_ms, "baseline_rss_mb": baseline, "threads": session.threads,
            "device": f"host ({os.uname().machine}, {os.cpu_count()} cores)", "prefill": {}}
     for length in spec["prompt_lengths"]:

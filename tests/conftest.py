@@ -54,3 +54,14 @@ runs = 2
 def write_recipe(path: Path, name: str, extra: str = "") -> Path:
     path.write_text(TINY_RECIPE.format(name=name, extra=extra), encoding="utf-8")
     return path
+
+
+def quant_rules(linear: str, *, embedding: str = "int8_weight", lm_head: str | None = None,
+                group_size: int = 32, symmetric: bool = True) -> str:
+    """Recipe rules: the embedding, then (optionally) lm_head on its own, then every linear layer."""
+    def rule(match: str, kind: str, scheme: str) -> str:
+        return (f'[[quant.rules]]\nmatch = "{match}"\nkind = "{kind}"\nscheme = "{scheme}"\n'
+                f"group_size = {group_size}\nsymmetric = {'true' if symmetric else 'false'}\n")
+
+    head = rule("lm_head", "linear", lm_head) if lm_head else ""
+    return "\n" + rule("model.embed_tokens", "embedding", embedding) + head + rule("*", "linear", linear)

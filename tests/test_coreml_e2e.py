@@ -13,7 +13,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import write_recipe
+from conftest import quant_rules, write_recipe
 
 pytest.importorskip("coremltools")
 
@@ -33,22 +33,7 @@ def coreml_recipe(path, name, extra=""):
 
 
 def rules(linear_scheme: str, lm_head: str = "int8_weight") -> str:
-    return f"""
-[[quant.rules]]
-match = "model.embed_tokens"
-kind = "embedding"
-scheme = "int8_weight"
-[[quant.rules]]
-match = "lm_head"
-kind = "linear"
-scheme = "{lm_head}"
-group_size = 32
-[[quant.rules]]
-match = "*"
-kind = "linear"
-scheme = "{linear_scheme}"
-group_size = 32
-"""
+    return quant_rules(linear_scheme, lm_head=lm_head)
 
 
 @pytest.fixture(scope="module")

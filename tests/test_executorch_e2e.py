@@ -11,25 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_recipe
+from conftest import quant_rules, write_recipe
 
-def linear_rules(scheme: str) -> str:
-    """int8 embedding, then every linear layer (lm_head included) with ``scheme``."""
-    return f"""
-[[quant.rules]]
-match = "model.embed_tokens"
-kind = "embedding"
-scheme = "int8_weight"
-[[quant.rules]]
-match = "*"
-kind = "linear"
-scheme = "{scheme}"
-group_size = 32
-"""
-
-
-INT4_RULES = linear_rules("int8_dynact_int4_weight")
-INT8_RULES = linear_rules("int8_dynact_int8_weight")
+# int8 embedding, then every linear layer (lm_head included) with the scheme.
+INT4_RULES = quant_rules("int8_dynact_int4_weight")
+INT8_RULES = quant_rules("int8_dynact_int8_weight")
 
 
 @pytest.fixture(scope="module")

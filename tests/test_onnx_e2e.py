@@ -7,28 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from conftest import write_recipe
+from conftest import quant_rules, write_recipe
 
 ONNX_TARGET = '[target]\nname = "onnx"\nbackend = "cpu"\n'
 TIGHT = "[parity]\nlowering_max_abs_diff = 1e-3\nlowering_cosine_min = 0.9999\nlowering_top1_min = 1.0\n"
 
 
 def rules(linear: str, embedding: str, group_size: int, symmetric: bool = True) -> str:
-    sym = "true" if symmetric else "false"
-    return f"""
-[[quant.rules]]
-match = "model.embed_tokens"
-kind = "embedding"
-scheme = "{embedding}"
-group_size = {group_size}
-symmetric = {sym}
-[[quant.rules]]
-match = "*"
-kind = "linear"
-scheme = "{linear}"
-group_size = {group_size}
-symmetric = {sym}
-"""
+    return quant_rules(linear, embedding=embedding, group_size=group_size, symmetric=symmetric)
 
 
 def export_onnx(root, checkpoint, name: str, extra: str = ""):

@@ -8,7 +8,9 @@ Each backend module defines a class with:
   computes with exactly the weights the artifact will store (the lowering reference);
 - ``lower(lm, metadata=, out_dir=, on_stage=) -> {"roles": {...}, "timings": {...}}``;
 - ``runtime_name()``, ``load_runner(artifact)`` (a runners.Runner), ``shipped_tokenizer(artifact)``
-  -> (encode, decode), ``open_bench_session(artifact, threads=)`` (see bench.py).
+  -> (encode, decode), ``open_bench_session(artifact, threads=)``: an object with ``threads``,
+  ``load_ms``, ``encode``/``decode`` (its runtime's tokenizer) and ``run(text, max_new_tokens=)``
+  (see bench.py).
 Heavy imports (executorch, coremltools, onnxruntime) happen inside those methods so that
 `recgpt-export --help` stays fast and a missing runtime is an error naming the extra, not
 an ImportError at start-up.

@@ -83,11 +83,8 @@ class CoreMLBackend:
     name = "coreml"
     extra = "coreml"
 
-    def __init__(self) -> None:
-        self._recipe = None
-
     def validate(self, recipe) -> None:
-        """Refuse what the package cannot store or compute; keep the recipe for lower()'s options."""
+        """Refuse what the package cannot store or compute."""
         if recipe.target.backend != "mlprogram":
             raise UnsupportedError(f"target.backend {recipe.target.backend!r}: the coreml target builds an ML program; "
                                    f"set target.backend = \"mlprogram\"")
@@ -106,7 +103,6 @@ class CoreMLBackend:
             if not rule.symmetric and rule.scheme != "float":
                 raise UnsupportedError(f"quant.rules[{i}].symmetric: the coreml target stores symmetric integers only; "
                                        f"remove symmetric = false")
-        self._recipe = recipe
 
     def eager_kv_cache(self, recipe) -> tuple[str, str]:
         """Plain torch attention over the whole cache, with the mask the program computes."""
@@ -121,18 +117,16 @@ class CoreMLBackend:
 
     # -- export --------------------------------------------------------------------------
 
-    def lower(self, lm, *, recipe=None, model=None, metadata: dict, out_dir: Path,
+    def lower(self, lm, *, recipe, model=None, metadata: dict, out_dir: Path,
               on_stage: Callable[[str], None]) -> dict:
         ct = require("coremltools", self.extra)
-        if recipe is not None:
-            self._recipe = recipe
         import torch
 
         from exporter.backends.coreml_program import CoreMLDecoder, state_names
 
-        options = self._recipe.target.coreml if self._recipe is not None else None
-        deployment = getattr(ct.target, options.deployment_target if options else "iOS18")
-        compute_units = getattr(ct.ComputeUnit, COMPUTE_UNITS[options.compute_units if options else "cpu_only"])
+        options = recipe.target.coreml
+        deployment = getattr(ct.target, options.deployment_target)
+        compute_units = getattr(ct.ComputeUnit, COMPUTE_UNITS[options.compute_units])
         timings = {}
         t0 = time.perf_counter()
         on_stage("trace (torch.jit.trace)")
@@ -167,7 +161,7 @@ class CoreMLBackend:
         with quiet_native_stderr():
             model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=deployment,
                                compute_precision=ct.precision.FLOAT32, compute_units=compute_units, skip_model_load=True)
-        for key, value in package_metadata(metadata, self._recipe, written).items():
+        for key, value in package_metadata(metadata, recipe, written).items():
             model.user_defined_metadata[key] = value
         model.short_description = "recgpt-export stateful decoder: tokens, input_pos -> last-token logits"
         model.save(str(out_dir / PACKAGE_DIR))
@@ -224,18 +218,17 @@ def io_signature(lm) -> dict:
 def package_metadata(constants: dict, recipe, written: int) -> dict[str, str]:
     """User-defined metadata of the .mlpackage (strings): what an app needs without the manifest."""
     meta = {
-        "recgpt.recipe": recipe.name if recipe is not None else "",
+        "recgpt.recipe": recipe.name,
         "recgpt.max_seq_len": str(constants["get_max_seq_len"]),
-        "recgpt.max_prefill_len": str(recipe.kv_cache.max_prefill_len) if recipe is not None else "",
+        "recgpt.max_prefill_len": str(recipe.kv_cache.max_prefill_len),
         "recgpt.vocab_size": str(constants["get_vocab_size"]),
         "recgpt.n_layers": str(constants["get_n_layers"]),
         "recgpt.bos_id": str(constants["get_bos_id"]),
         "recgpt.eos_ids": ",".join(str(e) for e in constants["get_eos_ids"]),
         "recgpt.compressed_weights": str(written),
+        "recgpt.compute_units": recipe.target.coreml.compute_units,
+        "recgpt.deployment_target": recipe.target.coreml.deployment_target,
     }
-    if recipe is not None:
-        meta["recgpt.compute_units"] = recipe.target.coreml.compute_units
-        meta["recgpt.deployment_target"] = recipe.target.coreml.deployment_target
     return meta
 
 
@@ -343,7 +336,7 @@ class InterpreterSession:
         t0 = time.perf_counter()
         self.runner = backend.load_runner(artifact)
         self.load_ms = (time.perf_counter() - t0) * 1e3
-        self.encode, _ = backend.shipped_tokenizer(artifact)
+        self.encode, self.decode = backend.shipped_tokenizer(artifact)
         self.eos = set(artifact.manifest["model"]["eos_ids"])
 
     def run(self, text: str, *, max_new_tokens: int) -> dict:

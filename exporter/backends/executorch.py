@@ -181,6 +181,7 @@ class LLMRunnerSession:
         _unsafe_reset_threadpool(threads)
         self.threads = _threadpool_get_thread_count()
         self._config = GenerationConfig
+        self.encode, self.decode = device_tokenizer(tokenizer)  # what the runner tokenizes with
         # Load time: the runner maps the program and tokenizer, then its first call loads the
         # method (XNNPACK weight packing happens here); Python imports are not counted.
         t0 = time.perf_counter()

@@ -257,7 +257,11 @@ class OrtRunner(ChunkedPrefillMixin):
 def genai_tokenizer(folder: Path):
     """encode/decode with onnxruntime-genai's tokenizer (onnxruntime-extensions), as an app would."""
     og = require("onnxruntime_genai", OnnxBackend.extra)
-    tokenizer = og.Tokenizer(og.Model(str(folder)))
+    return _codec(og.Tokenizer(og.Model(str(folder))))
+
+
+def _codec(tokenizer):
+    """(encode, decode) over an og.Tokenizer, in plain ints."""
 
     def encode(text: str) -> list[int]:
         return [int(t) for t in tokenizer.encode(text)]
@@ -281,7 +285,7 @@ class GenaiSession:
         self.threads = threads
         t0 = time.perf_counter()
         self.model = og.Model(config)
-        self.tokenizer = og.Tokenizer(self.model)
+        self.encode, self.decode = _codec(og.Tokenizer(self.model))
         self._generate(self.encode("warm"), 1)
         self.load_ms = (time.perf_counter() - t0) * 1e3
 
@@ -301,12 +305,6 @@ class GenaiSession:
         end = time.perf_counter()
         return {"ttft_s": first - wall0, "decode_s": end - first, "generated": generated,
                 "wall_s": end - wall0, "cpu_s": time.process_time() - cpu0}
-
-    def encode(self, text: str) -> list[int]:
-        return [int(t) for t in self.tokenizer.encode(text)]
-
-    def decode(self, ids) -> str:
-        return self.tokenizer.decode(np.asarray(list(ids), dtype=np.int32))
 
     def run(self, text: str, *, max_new_tokens: int) -> dict:
         ids = self.encode(text)
