@@ -4,12 +4,17 @@
         ours-int4=executorch:out/int4/model.pte:out/int4/tokenizer.json \
         optimum-8da4w=executorch:/path/model.pte:/path/tokenizer.json \
         ours-onnx-int4=genai:out/onnx-int4 \
-        builder-int4=genai:/path/to/onnxruntime-genai-builder-output
+        builder-int4=genai:/path/to/onnxruntime-genai-builder-output \
+        llama.cpp-q4_1=llamacpp:/path/SmolLM2-135M-Instruct.Q4_1.gguf --llamacpp-python /path/venv/bin/python
 
 Each candidate is KIND:PATH. ``executorch`` runs a .pte through the same TextLLMRunner
 session code as `recgpt-export bench` (exporter.backends.executorch.LLMRunnerSession);
 ``genai`` runs a folder with a genai_config.json through onnxruntime-genai's generator
 (exporter.backends.onnx.GenaiSession), as `recgpt-export bench` does for the onnx target.
+``llamacpp`` runs a GGUF file through llama-cpp-python (a reference point, not a target):
+its worker runs under ``--llamacpp-python``, a venv with llama-cpp-python installed (it
+builds from source, see docs/benchmarks.md), and times prefill and each decode step the
+way the other two report them (greedy, the first token sampled from the prefill logits).
 Each candidate runs in a fresh worker process per round, and the candidates take turns
 within each round, so a slow phase of the machine hits all of them. Writes JSON (every
 sample and the medians) and prints a table.
@@ -40,11 +45,75 @@ def open_session(kind: str, paths: list[str], threads: int):
         from exporter.backends.onnx import GenaiSession
 
         return GenaiSession(Path(paths[0]), threads=threads)
-    raise SystemExit(f"unknown candidate kind {kind!r}: use executorch:PROGRAM.pte:TOKENIZER.json or genai:FOLDER")
+    if kind == "llamacpp":
+        return LlamaCppSession(Path(paths[0]), threads=threads)
+    raise SystemExit(f"unknown candidate kind {kind!r}: use executorch:PROGRAM.pte:TOKENIZER.json, genai:FOLDER "
+                     f"or llamacpp:MODEL.gguf")
+
+
+class LlamaCppSession:
+    """llama-cpp-python over a GGUF file, with the bench session's interface (run/encode/decode)."""
+
+    def __init__(self, gguf: Path, *, threads: int) -> None:
+        import time
+
+        import llama_cpp.llama_cpp as low_level
+        from llama_cpp import Llama
+
+        # The default build's extra (AMX) buffer type dies with SIGILL in this VM. The model
+        # parameter that turns it off, use_extra_bufts, is not a Llama() argument in 0.3.36,
+        # so it is set on the default parameters Llama() starts from.
+        defaults = low_level.llama_model_default_params
+
+        def without_extra_bufts():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        low_level.llama_model_default_params = without_extra_bufts
+        t0 = time.perf_counter()
+        self.llm = Llama(model_path=str(gguf), n_ctx=512, n_batch=256, n_threads=threads, n_threads_batch=threads,
+                         verbose=False)
+        self.load_ms = (time.perf_counter() - t0) * 1e3
+
+    def encode(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.llm.detokenize(ids).decode("utf-8", errors="ignore")
+
+    def run(self, text: str, *, max_new_tokens: int) -> dict:
+        import time
+
+        import numpy as np
+
+        llm = self.llm
+        prompt = self.encode(text)
+        llm.reset()
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        llm.eval(prompt)
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        first = time.perf_counter()
+        for _ in range(max_new_tokens - 1):
+            llm.eval([token])
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        end = time.perf_counter()
+        cpu = time.process_time() - cpu0
+        wall = end - wall0
+        steps = max_new_tokens - 1
+        return {
+            "prompt_tokens": len(prompt),
+            "prefill_tok_s": len(prompt) / (first - wall0) if max_new_tokens == 1 else None,
+            "ttft_ms": (first - wall0) * 1e3 if max_new_tokens == 1 else None,
+            "decode_tok_s": steps / (end - first) if steps else None,
+            "generated": steps,
+            "cpu_s": cpu,
+            "wall_s": wall,
+        }
 
 
 def candidate_size_mb(kind: str, paths: list[str]) -> float:
-    if kind == "executorch":
+    if kind in ("executorch", "llamacpp"):
         return os.path.getsize(paths[0]) / 1e6
     folder = Path(paths[0])
     return sum(p.stat().st_size for p in folder.glob("*.onnx*")) / 1e6
@@ -77,6 +146,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="bench-side-by-side.json")
+    parser.add_argument("--llamacpp-python", default=sys.executable,
+                        help="python of a venv with llama-cpp-python, for llamacpp: candidates")
     args = parser.parse_args()
     candidates = dict(item.partition("=")[::2] for item in args.candidates)
     samples = {name: [] for name in candidates}
@@ -84,7 +155,8 @@ def main() -> None:
         for name, spec in candidates.items():
             with tempfile.TemporaryDirectory() as tmp:
                 out = os.path.join(tmp, "r.json")
-                proc = subprocess.run([sys.executable, __file__, "--worker", spec, str(args.threads), out],
+                python = args.llamacpp_python if spec.startswith("llamacpp:") else sys.executable
+                proc = subprocess.run([python, __file__, "--worker", spec, str(args.threads), out],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                 if proc.returncode != 0:
                     raise SystemExit(f"{name}: worker failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")

@@ -157,6 +157,32 @@ class StaticCacheLM(nn.Module):
         self.lm_head = nn.Linear(shape.hidden_size, shape.vocab_size, bias=False)
         self.register_buffer("rope_cos", torch.zeros(max_seq_len, 1, shape.head_dim), persistent=False)
         self.register_buffer("rope_sin", torch.zeros(max_seq_len, 1, shape.head_dim), persistent=False)
+        # The rotary frequencies, when the tables are a plain function of them (see rope_from_positions).
+        self.register_buffer("rope_inv_freq", torch.zeros(shape.head_dim // 2), persistent=False)
+        self.rope_attention_scaling: float | None = None
+        self.rope_in_graph = False
+
+    def rope_from_positions(self) -> bool:
+        """Compute cos/sin in the graph from the positions instead of reading stored tables.
+
+        Saves 2 x max_seq_len x head_dim floats in the program (SmolLM2, 512 positions:
+        262 KB), which is what the transformers rotary module does too. Only taken when
+        the frequencies alone give the tables (checked on every position: not so for
+        dynamic rope scaling); returns whether it was."""
+        if self.rope_attention_scaling is None:
+            return False
+        cos, sin = self._rope_at(torch.arange(self.max_seq_len))
+        if not (torch.equal(cos, self.rope_cos) and torch.equal(sin, self.rope_sin)):
+            return False
+        self.rope_in_graph = True
+        del self.rope_cos, self.rope_sin
+        return True
+
+    def _rope_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # The same float32 arithmetic as transformers' rotary embedding (product, then cos/sin).
+        freqs = positions.to(torch.float32)[:, None] * self.rope_inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+        return emb.cos() * self.rope_attention_scaling, emb.sin() * self.rope_attention_scaling
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         seq_len = tokens.shape[1]
@@ -164,8 +190,12 @@ class StaticCacheLM(nn.Module):
         # Tell torch.export the bounds it cannot infer from a data-dependent position.
         torch._check(start_pos >= 0)
         torch._check(start_pos + seq_len <= self.max_seq_len)
-        cos = self.rope_cos.narrow(0, start_pos, seq_len)
-        sin = self.rope_sin.narrow(0, start_pos, seq_len)
+        if self.rope_in_graph:
+            # From the input tensor, not the unpacked start_pos: the runtime takes no SymInt operand here.
+            cos, sin = self._rope_at(torch.arange(seq_len) + input_pos)
+        else:
+            cos = self.rope_cos.narrow(0, start_pos, seq_len)
+            sin = self.rope_sin.narrow(0, start_pos, seq_len)
         x = self.model.embed_tokens(tokens)
         for layer in self.model.layers:
             x = layer(x, start_pos, cos, sin)
@@ -201,6 +231,9 @@ def build_decoder(hf_model, *, max_seq_len: int, max_prefill_len: int,
         cos, sin = _rope_tables(hf_model, max_seq_len)
         lm.rope_cos.copy_(cos[:, None, :])
         lm.rope_sin.copy_(sin[:, None, :])
+        rotary = hf_model.model.rotary_emb
+        lm.rope_inv_freq.copy_(rotary.inv_freq.to(torch.float32))
+        lm.rope_attention_scaling = float(rotary.attention_scaling)
     return lm.eval()
 
 

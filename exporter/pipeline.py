@@ -85,7 +85,13 @@ def build_quantized(loaded, recipe: ExportRecipe, backend):
     lm = build_decoder(loaded.model, max_seq_len=recipe.kv_cache.max_seq_len,
                        max_prefill_len=recipe.kv_cache.max_prefill_len,
                        attention=attention, cache_update=cache_update)
+    smoothing = None
+    if recipe.quant.smoothing.alpha > 0:
+        from exporter.smoothing import smooth_for_quantization
+
+        smoothing = smooth_for_quantization(lm, loaded.model, loaded.tokenizer, recipe.quant.smoothing)
     summary = backend.quantize(lm, recipe.quant)
+    summary.smoothing = smoothing
     return lm, summary
 
 

@@ -27,6 +27,7 @@ class RuleMatch:
 class QuantSummary:
     rules: list[RuleMatch]
     unmatched: list[str]  # Linear/Embedding modules no rule matched (they stay float)
+    smoothing: dict | None = None  # what exporter/smoothing.py did before quantizing, if anything
 
     def to_dict(self) -> dict:
         return {
@@ -40,6 +41,7 @@ class QuantSummary:
             ],
             "float": sorted(self.float_modules()),
             "unmatched": self.unmatched,
+            "smoothing": self.smoothing,
         }
 
     def float_modules(self) -> list[str]:
@@ -51,7 +53,7 @@ class QuantSummary:
 
 
 def _uses_group(scheme: str) -> bool:
-    return scheme in ("int8_dynact_int4_weight", "int4_weight")
+    return scheme in INT4_GROUP_SCHEMES
 
 
 def module_kind(module: nn.Module) -> str | None:
@@ -112,10 +114,46 @@ def apply_quantization(model: nn.Module, spec: QuantSpec) -> QuantSummary:
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding):
             module.padding_idx = None
+    modules = dict(model.named_modules())
     with torch.no_grad():
         for (scheme, group_size), names in by_config.items():
-            quantize_(model, torchao_config(scheme, group_size), filter_fn=lambda mod, fqn, names=names: fqn in names)
+            if scheme not in INT4_GROUP_SCHEMES:
+                quantize_(model, torchao_config(scheme, group_size), filter_fn=lambda mod, fqn, names=names: fqn in names)
+                continue
+            # One module at a time: its codes come from its float weight, which torchao replaces.
+            for name in sorted(names):
+                module = modules[name]
+                codes, scales = int4_group_levels(module.weight, group_size, linear=isinstance(module, nn.Linear))
+                quantize_(model, torchao_config(scheme, group_size), filter_fn=lambda mod, fqn, name=name: fqn == name)
+                module.weight.qdata.copy_(codes)
+                module.weight.scale.copy_(scales.reshape(module.weight.scale.shape))
     return summary
+
+
+INT4_GROUP_SCHEMES = ("int8_dynact_int4_weight", "int4_weight")
+
+
+def int4_group_levels(weight, group_size: int, *, linear: bool):
+    """Symmetric int4 codes and scales per group, with the group's extreme on a level.
+
+    torchao's default scale, absmax / 7.5, rounds a group's largest value to 7 or 8 steps
+    and clips it. Here the value of largest magnitude lands exactly on a level: on -8 when
+    it is negative (one level of resolution more than absmax / 7; llama.cpp's Q4_0 and our
+    ONNX quantizer do the same, and like them a positive value beyond 7 steps is clipped to
+    7) and on +7 when positive (XNNPACK refuses negative scales, which would put it on -8
+    too). Linear scales are rounded to bfloat16 first, as XNNPACK stores them, and the codes
+    computed against the rounded scale. Measured on SmolLM2-135M in docs/benchmarks.md."""
+    import torch
+
+    n, k = weight.shape
+    groups = weight.detach().float().reshape(n, k // group_size, group_size)
+    extreme = torch.gather(groups, -1, groups.abs().argmax(dim=-1, keepdim=True))
+    scales = torch.where(extreme < 0, extreme / -8.0, extreme / 7.0)
+    scales = torch.where(scales == 0, torch.ones_like(scales), scales)  # an all-zero group
+    if linear:
+        scales = scales.to(torch.bfloat16).float()
+    codes = torch.clamp(torch.round(groups / scales), -8, 7).to(torch.int8)
+    return codes.reshape(n, k), scales.reshape(n, k // group_size)
 
 
 def torchao_config(scheme: str, group_size: int):

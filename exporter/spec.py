@@ -94,10 +94,32 @@ class QuantRule:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SmoothingSpec:
+    """Activation smoothing before quantizing (exporter/smoothing.py); alpha 0 turns it off.
+
+    It helps schemes that quantize activations at run time (``int8_dynact_*``): it moves
+    activation outliers into the weights, with alpha the share moved."""
+
+    alpha: float = 0.0
+    # Smooth the lm_head's input too. That unties a tied lm_head from the embedding, which
+    # costs a second copy on a target that stores them once (ONNX).
+    lm_head: bool = True
+    # "builtin" (exporter/prompts.py) or a UTF-8 text file, one sample per line.
+    calibration: str = "builtin"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha < 1.0:
+            _fail("quant.smoothing.alpha", f"must be at least 0 (off) and below 1, got {self.alpha}")
+        if not self.calibration:
+            _fail("quant.smoothing.calibration", 'give "builtin" or the path of a text file')
+
+
+@dataclass(frozen=True, kw_only=True)
 class QuantSpec:
     """Ordered rules, first match wins; modules no rule matches stay float and are counted."""
 
     rules: tuple[QuantRule, ...] = ()
+    smoothing: SmoothingSpec = field(default_factory=SmoothingSpec)
 
     def __post_init__(self) -> None:
         for i, rule in enumerate(self.rules):

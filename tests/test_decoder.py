@@ -47,3 +47,19 @@ def test_static_cache_is_updated_in_place(tiny_checkpoints):
     EagerRunner(lm).prefill([1, 2, 3])
     assert cache.k_cache.data_ptr() == ptr
     assert cache.k_cache[0, :3].abs().sum() > 0 and cache.k_cache[0, 3:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_rope_from_positions_equals_the_tables(tiny_checkpoints, arch):
+    # The ExecuTorch program computes cos/sin from the positions; it must give the very
+    # values the stored tables held, at every position, so logits are bit-identical.
+    load_custom_ops()
+    loaded = load_model(tiny_checkpoints[arch])
+    tables = build_decoder(loaded.model, max_seq_len=32, max_prefill_len=8)
+    in_graph = build_decoder(loaded.model, max_seq_len=32, max_prefill_len=8)
+    assert in_graph.rope_from_positions()
+    assert not hasattr(in_graph, "rope_cos") and "rope_cos" not in dict(in_graph.named_buffers())
+    a, b = EagerRunner(tables), EagerRunner(in_graph)
+    assert np.array_equal(a.prefill(TOKENS[:7]), b.prefill(TOKENS[:7]))
+    for p, t in enumerate(TOKENS[7:], start=7):
+        assert np.array_equal(a.decode(t, p), b.decode(t, p))

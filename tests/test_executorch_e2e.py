@@ -141,7 +141,12 @@ def test_interrupted_export_leaves_nothing(tiny_checkpoints, tmp_path):
     assert list((tmp_path / "outdir").iterdir()) == []
 
 
-@pytest.mark.parametrize("arch,rules,name", [("llama", INT8_RULES, "int8"), ("qwen3", INT4_RULES, "int4")])
+SMOOTHING = "\n[quant.smoothing]\nalpha = 0.5\n"
+
+
+# The int4 case also runs activation smoothing: calibration on the float model, folded
+# weights, and lowering parity against the smoothed, quantized reference.
+@pytest.mark.parametrize("arch,rules,name", [("llama", INT8_RULES, "int8"), ("qwen3", INT4_RULES + SMOOTHING, "int4")])
 def test_quantized_export_and_parity(tiny_checkpoints, tmp_path, arch, rules, name):
     from exporter.pipeline import export, verify
     from exporter.recipe_io import load_recipe
@@ -156,6 +161,11 @@ def test_quantized_export_and_parity(tiny_checkpoints, tmp_path, arch, rules, na
     quant = manifest["quantization"]
     assert [r["matched"] for r in quant["rules"]] == [1, 15]  # embedding; 2 layers x 7 linears + lm_head
     assert quant["unmatched"] == []
+    if "smoothing" in rules:
+        assert quant["smoothing"]["smoothed_linears"] == 2 * 6 + 1  # q/k/v, gate/up, down per layer; lm_head
+        assert quant["smoothing"]["calibration_tokens"] > 100
+    else:
+        assert quant["smoothing"] is None
     report = verify(folder)
     # Random weights amplify quantization noise, so quality is judged on SmolLM2 (make demo)
     # and not gated here; lowering parity must hold: the artifact against the same quantized math.

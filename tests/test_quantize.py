@@ -44,3 +44,30 @@ def test_linear_scheme_on_embedding_is_refused(lm):
     spec = QuantSpec(rules=(QuantRule(match="*", scheme="int8_dynact_int8_weight"),))
     with pytest.raises(RecipeError, match="applies to linear layers, but it matched embedding model.embed_tokens"):
         plan(lm, spec)
+
+
+def test_int4_groups_put_the_extreme_on_a_level(lm):
+    import torch
+
+    reference = {n: m.weight.detach().clone() for n, m in lm.named_modules() if n.startswith("model.layers.1.")
+                 and isinstance(m, torch.nn.Linear)}
+    spec = QuantSpec(rules=(QuantRule(match="model.layers.1.*", kind="linear", scheme="int8_dynact_int4_weight",
+                                      group_size=32),))
+    apply_quantization(lm, spec)
+    modules = dict(lm.named_modules())
+    for name, w in reference.items():
+        q = modules[name].weight
+        codes, scales = q.qdata.float(), q.scale.float()
+        assert codes.min() >= -8 and codes.max() <= 7 and (scales > 0).all()
+        assert torch.equal(scales, scales.to(torch.bfloat16).float())  # what XNNPACK stores
+        groups = w.reshape(w.shape[0], -1, 32)
+        deq = q.dequantize().reshape(groups.shape)
+        step = scales.reshape(*scales.shape, 1)
+        # Round to nearest: within half a step (plus the bf16 rounding of the scale), except
+        # positive values beyond 7 steps in a group whose extreme is negative: those clip to +7.
+        clipped = groups > 7.5 * step
+        assert ((deq - groups).abs() <= step * 0.5 * (1 + 2**-7) + 1e-7)[~clipped].all(), name
+        assert (codes.reshape(groups.shape)[clipped] == 7).all()
+        # The group's largest-magnitude value sits on the -8 level (negative) or the +7 level (positive).
+        extreme_code = torch.gather(codes.reshape(groups.shape), -1, groups.abs().argmax(-1, keepdim=True))
+        assert set(extreme_code.unique().tolist()) <= {-8.0, 7.0}, name

@@ -116,11 +116,15 @@ class ExecuTorchBackend:
         return recipe.kv_cache.attention, recipe.kv_cache.cache_update
 
     def quantize(self, lm, spec):
-        """torchao quantization, with group scales rounded to bfloat16 as XNNPACK stores them."""
+        """torchao quantization, with group scales rounded to bfloat16 as XNNPACK stores them.
+
+        The program computes RoPE from the positions rather than storing tables, so the
+        reference does too."""
         import torch
 
         from exporter.quantize import apply_quantization, round_group_scales
 
+        lm.rope_from_positions()
         summary = apply_quantization(lm, spec)
         round_group_scales(lm, torch.bfloat16)
         return summary

@@ -1,0 +1,123 @@
+"""Stage (optional, before quantizing): move activation outliers into the weights.
+
+Dynamic int8 activation quantization (XNNPACK's per-token "8da" schemes) spends its 256
+levels on each token's largest channel; a few outlier channels make every other channel
+coarse. SmoothQuant (Xiao et al., 2022) divides each input channel j of a linear layer by
+``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` and multiplies the weight's column j by
+``s_j``: the float model computes the same function, activations get flatter and weights a
+little less so. The division is folded into what produces the input, so the program gains
+no operation:
+
+- q/k/v inputs: the layer's input RMSNorm weight; gate/up inputs: the post-attention
+  RMSNorm weight; lm_head input: the final RMSNorm weight (only when ``lm_head`` is set,
+  because it unties a tied lm_head from the embedding);
+- down_proj input: the rows of up_proj (``act(gate) * up`` is linear in up).
+
+``max|X_j|`` comes from running the float model over a calibration text (built-in
+behaviour-like lines, or a file of the user's own), never the prompts ``verify`` scores.
+The float reference that quality is judged against stays the unsmoothed model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from exporter.errors import UsageError
+from exporter.spec import SmoothingSpec
+
+_FLOOR = 1e-5  # keeps s finite for channels that never fire or whose weights are all zero
+
+
+def calibration_texts(spec: SmoothingSpec) -> list[str]:
+    """The built-in calibration lines, or the non-blank lines of the user's UTF-8 file."""
+    if spec.calibration == "builtin":
+        from exporter.prompts import CALIBRATION_TEXTS
+
+        return list(CALIBRATION_TEXTS)
+    path = Path(spec.calibration)
+    if not path.is_file():
+        raise UsageError(f"quant.smoothing.calibration: {path} is not a file",
+                         hint='give a UTF-8 text file with one sample per line, or "builtin"')
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise UsageError(f"quant.smoothing.calibration: {path} has no text", hint="put one sample per line")
+    return lines
+
+
+def activation_absmax(hf_model: nn.Module, tokenizer, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Per-input-channel max |x| of every Linear in ``hf_model`` over ``texts`` (float32)."""
+    stats: dict[str, torch.Tensor] = {}
+
+    def record(name):
+        def hook(_module, inputs, _output):
+            x = inputs[0].detach().abs().reshape(-1, inputs[0].shape[-1]).amax(dim=0).float()
+            stats[name] = torch.maximum(stats[name], x) if name in stats else x
+        return hook
+
+    handles = [m.register_forward_hook(record(name)) for name, m in hf_model.named_modules() if isinstance(m, nn.Linear)]
+    try:
+        with torch.no_grad():
+            for text in texts:
+                ids = tokenizer.encode(text, add_special_tokens=False)
+                if ids:
+                    hf_model(input_ids=torch.tensor([ids], dtype=torch.long))
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _factors(act_max: torch.Tensor, linears: Sequence[nn.Linear], alpha: float) -> torch.Tensor:
+    weight_max = torch.stack([lin.weight.detach().abs().amax(dim=0) for lin in linears]).amax(dim=0)
+    return (act_max.clamp(min=_FLOOR) ** alpha / weight_max.clamp(min=_FLOOR) ** (1 - alpha)).clamp(min=_FLOOR)
+
+
+def _fold_into_norm(norm: nn.Module, linears: Sequence[nn.Linear], s: torch.Tensor) -> None:
+    norm.weight.div_(s)
+    for lin in linears:
+        lin.weight.mul_(s)
+
+
+def smooth_decoder(lm: nn.Module, act_max: dict[str, torch.Tensor], *, alpha: float, lm_head: bool) -> list[str]:
+    """Apply the smoothing in place to our decoder (module names mirror transformers');
+    returns the names of the linear layers whose inputs were smoothed."""
+    smoothed: list[str] = []
+    with torch.no_grad():
+        for i, layer in enumerate(lm.model.layers):
+            prefix = f"model.layers.{i}"
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+            _fold_into_norm(layer.input_layernorm, qkv, _factors(act_max[f"{prefix}.self_attn.q_proj"], qkv, alpha))
+            gate_up = [mlp.gate_proj, mlp.up_proj]
+            _fold_into_norm(layer.post_attention_layernorm, gate_up,
+                            _factors(act_max[f"{prefix}.mlp.gate_proj"], gate_up, alpha))
+            s = _factors(act_max[f"{prefix}.mlp.down_proj"], [mlp.down_proj], alpha)
+            mlp.up_proj.weight.div_(s[:, None])
+            if mlp.up_proj.bias is not None:
+                mlp.up_proj.bias.div_(s)
+            mlp.down_proj.weight.mul_(s)
+            smoothed += [f"{prefix}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj")]
+            smoothed += [f"{prefix}.mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")]
+        if lm_head:
+            _fold_into_norm(lm.model.norm, [lm.lm_head], _factors(act_max["lm_head"], [lm.lm_head], alpha))
+            smoothed.append("lm_head")
+    return smoothed
+
+
+def smooth_for_quantization(lm: nn.Module, hf_model: nn.Module, tokenizer, spec: SmoothingSpec) -> dict:
+    """Calibrate on the float model, smooth ``lm`` in place; returns what goes in the manifest."""
+    texts = calibration_texts(spec)
+    act_max = activation_absmax(hf_model, tokenizer, texts)
+    smoothed = smooth_decoder(lm, act_max, alpha=spec.alpha, lm_head=spec.lm_head)
+    return {
+        "alpha": spec.alpha,
+        "calibration": spec.calibration,
+        "calibration_samples": len(texts),
+        "calibration_tokens": sum(len(tokenizer.encode(t, add_special_tokens=False)) for t in texts),
+        "smoothed_linears": len(smoothed),
+    }

@@ -1,0 +1,87 @@
+"""Activation smoothing: the float function is unchanged, and dynamic int8 activations lose less."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from exporter.decoder import build_decoder
+from exporter.errors import RecipeError, UsageError
+from exporter.kv_cache import load_custom_ops
+from exporter.load import load_model
+from exporter.recipe_io import recipe_from_dict
+from exporter.runners import EagerRunner
+from exporter.smoothing import activation_absmax, calibration_texts, smooth_decoder
+from exporter.spec import QuantRule, QuantSpec, SmoothingSpec
+
+TOKENS = [5, 17, 33, 60, 100, 7, 9, 12, 250, 31, 2, 44]
+
+
+def _decoder(checkpoint):
+    load_custom_ops()
+    loaded = load_model(checkpoint)
+    return loaded, build_decoder(loaded.model, max_seq_len=32, max_prefill_len=16)
+
+
+def _logits(lm) -> np.ndarray:
+    runner = EagerRunner(lm)
+    rows = [runner.prefill(TOKENS[:6])]
+    rows += [runner.decode(t, p) for p, t in enumerate(TOKENS[6:], start=6)]
+    return np.stack(rows)
+
+
+def _plant_outliers(model) -> None:
+    """Make a few input channels of every q/k/v and gate/up 30x larger in the activations and
+    30x smaller in the weights: the same function, with the outliers real models have."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm, linears in ((layer.input_layernorm, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                                  (layer.post_attention_layernorm, ("mlp.gate_proj", "mlp.up_proj"))):
+                norm.weight[:3] *= 30.0
+                for name in linears:
+                    layer.get_submodule(name).weight[:, :3] /= 30.0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_smoothing_keeps_the_float_function(tiny_checkpoints, arch):
+    loaded, lm = _decoder(tiny_checkpoints[arch])
+    before = _logits(lm)
+    act_max = activation_absmax(loaded.model, loaded.tokenizer, calibration_texts(SmoothingSpec(alpha=0.5)))
+    smoothed = smooth_decoder(lm, act_max, alpha=0.5, lm_head=True)
+    assert len(smoothed) == 6 * len(lm.model.layers) + 1
+    np.testing.assert_allclose(_logits(lm), before, atol=2e-4, rtol=0)
+
+
+def test_smoothing_reduces_dynamic_activation_error(tiny_checkpoints):
+    from exporter.quantize import apply_quantization, materialize_for_eager
+
+    loaded, reference = _decoder(tiny_checkpoints["llama"])
+    _plant_outliers(loaded.model)
+    _plant_outliers(reference)
+    float_logits = _logits(reference)
+    rules = QuantSpec(rules=(QuantRule(match="model.layers.*", kind="linear", scheme="int8_dynact_int8_weight"),))
+    errors = {}
+    for alpha in (0.0, 0.5):
+        _, lm = _decoder(tiny_checkpoints["llama"])
+        _plant_outliers(lm)
+        if alpha:
+            act_max = activation_absmax(loaded.model, loaded.tokenizer, calibration_texts(SmoothingSpec(alpha=alpha)))
+            smooth_decoder(lm, act_max, alpha=alpha, lm_head=False)
+        apply_quantization(lm, rules)
+        materialize_for_eager(lm)
+        errors[alpha] = float(np.abs(_logits(lm) - float_logits).mean())
+    # Measured: mean abs logit error 0.070 without smoothing, 0.013 with alpha 0.5.
+    assert errors[0.5] < 0.5 * errors[0.0], errors
+
+
+def test_smoothing_recipe_errors(tmp_path):
+    with pytest.raises(RecipeError, match=r"quant\.smoothing\.alpha"):
+        recipe_from_dict({"name": "x", "quant": {"smoothing": {"alpha": 1.5}}})
+    with pytest.raises(RecipeError, match=r"quant\.smoothing\.alfa: unknown key; did you mean 'alpha'"):
+        recipe_from_dict({"name": "x", "quant": {"smoothing": {"alfa": 0.5}}})
+    with pytest.raises(UsageError, match="is not a file"):
+        calibration_texts(SmoothingSpec(alpha=0.5, calibration=str(tmp_path / "missing.txt")))
+    own = tmp_path / "calib.txt"
+    own.write_text("搜索 耳机\n\n点击 手机壳\n", encoding="utf-8")
+    assert calibration_texts(SmoothingSpec(alpha=0.5, calibration=str(own))) == ["搜索 耳机", "点击 手机壳"]
