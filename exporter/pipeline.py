@@ -89,7 +89,7 @@ def build_quantized(loaded, recipe: ExportRecipe, backend):
     if recipe.quant.smoothing.alpha > 0:
         from exporter.smoothing import smooth_for_quantization
 
-        smoothing = smooth_for_quantization(lm, loaded.model, loaded.tokenizer, recipe.quant.smoothing)
+        smoothing = smooth_for_quantization(lm, loaded.tokenizer, recipe.quant.smoothing)
     summary = backend.quantize(lm, recipe.quant)
     summary.smoothing = smoothing
     return lm, summary

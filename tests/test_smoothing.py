@@ -47,7 +47,8 @@ def _plant_outliers(model) -> None:
 def test_smoothing_keeps_the_float_function(tiny_checkpoints, arch):
     loaded, lm = _decoder(tiny_checkpoints[arch])
     before = _logits(lm)
-    act_max = activation_absmax(loaded.model, loaded.tokenizer, calibration_texts(SmoothingSpec(alpha=0.5)))
+    act_max = activation_absmax(lm, loaded.tokenizer, calibration_texts(SmoothingSpec(alpha=0.5)))
+    assert all(float(b.abs().sum()) == 0 for n, b in lm.named_buffers() if n.endswith("_cache"))  # cache cleared
     smoothed = smooth_decoder(lm, act_max, alpha=0.5, lm_head=True)
     assert len(smoothed) == 6 * len(lm.model.layers) + 1
     np.testing.assert_allclose(_logits(lm), before, atol=2e-4, rtol=0)
@@ -57,7 +58,6 @@ def test_smoothing_reduces_dynamic_activation_error(tiny_checkpoints):
     from exporter.quantize import apply_quantization, materialize_for_eager
 
     loaded, reference = _decoder(tiny_checkpoints["llama"])
-    _plant_outliers(loaded.model)
     _plant_outliers(reference)
     float_logits = _logits(reference)
     rules = QuantSpec(rules=(QuantRule(match="model.layers.*", kind="linear", scheme="int8_dynact_int8_weight"),))
@@ -66,7 +66,7 @@ def test_smoothing_reduces_dynamic_activation_error(tiny_checkpoints):
         _, lm = _decoder(tiny_checkpoints["llama"])
         _plant_outliers(lm)
         if alpha:
-            act_max = activation_absmax(loaded.model, loaded.tokenizer, calibration_texts(SmoothingSpec(alpha=alpha)))
+            act_max = activation_absmax(lm, loaded.tokenizer, calibration_texts(SmoothingSpec(alpha=alpha)))
             smooth_decoder(lm, act_max, alpha=alpha, lm_head=False)
         apply_quantization(lm, rules)
         materialize_for_eager(lm)
@@ -85,3 +85,30 @@ def test_smoothing_recipe_errors(tmp_path):
     own = tmp_path / "calib.txt"
     own.write_text("搜索 耳机\n\n点击 手机壳\n", encoding="utf-8")
     assert calibration_texts(SmoothingSpec(alpha=0.5, calibration=str(own))) == ["搜索 耳机", "点击 手机壳"]
+
+
+def test_calibration_statistics_equal_the_transformers_model(tiny_checkpoints):
+    # The decoder runs the lm_head on each call's last position only; the statistics must
+    # still cover every position, as a transformers forward over the whole text sees them.
+    loaded, lm = _decoder(tiny_checkpoints["qwen3"])
+    texts = calibration_texts(SmoothingSpec(alpha=0.5))[:4]
+    ours = activation_absmax(lm, loaded.tokenizer, texts)
+    theirs: dict[str, torch.Tensor] = {}
+
+    def record(name):
+        def hook(_m, inputs, _o):
+            x = inputs[0].abs().reshape(-1, inputs[0].shape[-1]).amax(0)
+            theirs[name] = torch.maximum(theirs[name], x) if name in theirs else x
+        return hook
+
+    handles = [m.register_forward_hook(record(n)) for n, m in loaded.model.named_modules()
+               if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        for text in texts:
+            ids = loaded.tokenizer.encode(text, add_special_tokens=False)[: lm.max_seq_len - 1]  # as calibration cuts
+            loaded.model(input_ids=torch.tensor([ids]))
+    for h in handles:
+        h.remove()
+    assert set(ours) == set(theirs)
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], atol=1e-4, rtol=1e-4, msg=name)
