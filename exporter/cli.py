@@ -128,6 +128,9 @@ def render_parity(report: dict) -> None:
         for key, value in report[section].items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 table.add_row(section, key, f"{value:.6g}" if isinstance(value, float) else str(value))
+            elif key == "noise_floor":  # the reference against itself, slightly perturbed
+                for metric in ("max_abs_diff", "cosine_min", "top1_agreement"):
+                    table.add_row(section, f"noise floor {metric}", f"{value[metric]:.6g}")
     out_console.print(table)
     if report["passed"]:
         out_console.print("[bold green]PASS[/bold green]: every gate passed")

@@ -100,6 +100,25 @@ class EagerRunner(ChunkedPrefillMixin):
         return out[0].float().numpy()
 
 
+class PerturbedRunner(EagerRunner):
+    """The eager model with its embedding output scaled by (1 + relative) on every call.
+
+    A float model barely moves (SmolLM2 fp32: 5e-5 on logits); one that quantizes its
+    activations at run time moves as far as rounding differences between two correct
+    implementations move it, which is what the lowering noise floor measures."""
+
+    def __init__(self, lm, relative: float, name: str = "perturbed eager") -> None:
+        super().__init__(lm, name=name)
+        self.relative = relative
+
+    def _step(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:
+        handle = self.lm.model.embed_tokens.register_forward_hook(lambda _m, _i, out: out * (1 + self.relative))
+        try:
+            return super()._step(tokens, start_pos)
+        finally:
+            handle.remove()
+
+
 class TransformersRunner:
     """The trained model exactly as transformers runs it (dynamic cache): the float reference."""
 

@@ -171,6 +171,7 @@ def test_quantized_export_and_parity(tiny_checkpoints, tmp_path, arch, rules, na
     # and not gated here; lowering parity must hold: the artifact against the same quantized math.
     assert report["passed"], report["failures"]
     assert report["lowering"]["positions"] == 8 * 33
+    assert report["lowering"]["noise_floor"]["perturbation"] == 1e-7  # dynamic activations: floor measured
     assert report["quality"]["kl_mean"] > 0  # quantized: it cannot equal the float model
 
 
