@@ -102,6 +102,7 @@ def export(recipe: ExportRecipe, *, out_dir: Path, model: str | None = None, for
     source = model or recipe.model.source
     if not source.startswith("builtin:") and Path(source).exists():
         source = str(Path(source).resolve())  # verify may run from another directory
+    recipe = _with_absolute_calibration(recipe)
     timings: dict = {}
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
@@ -147,6 +148,19 @@ def export(recipe: ExportRecipe, *, out_dir: Path, model: str | None = None, for
             manifest["files"] = art.file_table(tmp)
             art.write_json_atomic(tmp / art.MANIFEST, manifest)
     return out_dir
+
+
+def _with_absolute_calibration(recipe: ExportRecipe) -> ExportRecipe:
+    """Check a smoothing calibration file before any work, and record its absolute path:
+    verify rebuilds the reference from the manifest's recipe, maybe from another directory."""
+    smoothing = recipe.quant.smoothing
+    if smoothing.alpha <= 0 or smoothing.calibration == "builtin":
+        return recipe
+    from exporter.smoothing import calibration_texts
+
+    calibration_texts(smoothing)  # a missing or empty file fails here, in one line
+    absolute = replace(smoothing, calibration=str(Path(smoothing.calibration).resolve()))
+    return replace(recipe, quant=replace(recipe.quant, smoothing=absolute))
 
 
 def runtime_constants(meta: dict, recipe: ExportRecipe) -> dict:
