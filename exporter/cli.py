@@ -109,7 +109,10 @@ def export(
 
 @app.command()
 def verify(folder: ArtifactDir, model: ModelOpt = None, json_: JsonFlag = False) -> None:
-    """Check parity (tokenizer, lowering, quality, greedy); write DIR/parity.json. Exit 1 if a gate fails."""
+    """Check parity (tokenizer, lowering, quality, greedy); write DIR/parity.json. Exit 1 if a gate fails.
+
+    Recipes that quantize activations at run time also get the reference's own noise floor
+    measured, and lowering is judged against it (docs/parity.md)."""
     from exporter.pipeline import verify as do_verify
 
     report = run(lambda: do_verify(folder, model=model, progress=StageProgress()))
