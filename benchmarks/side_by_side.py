@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,8 +56,6 @@ class LlamaCppSession:
     """llama-cpp-python over a GGUF file, with the bench session's interface (run/encode/decode)."""
 
     def __init__(self, gguf: Path, *, threads: int) -> None:
-        import time
-
         import llama_cpp.llama_cpp as low_level
         from llama_cpp import Llama
 
@@ -83,8 +82,6 @@ class LlamaCppSession:
         return self.llm.detokenize(ids).decode("utf-8", errors="ignore")
 
     def run(self, text: str, *, max_new_tokens: int) -> dict:
-        import time
-
         import numpy as np
 
         llm = self.llm

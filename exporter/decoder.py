@@ -162,6 +162,13 @@ class StaticCacheLM(nn.Module):
         self.rope_attention_scaling: float | None = None
         self.rope_in_graph = False
 
+    def reset_caches(self) -> None:
+        """Zero every layer's KV cache and refill the aten-SDPA causal mask, in place."""
+        with torch.no_grad():
+            for module in self.modules():
+                if hasattr(module, "reset_buffers"):
+                    module.reset_buffers()
+
     def rope_from_positions(self) -> bool:
         """Compute cos/sin in the graph from the positions instead of reading stored tables.
 
@@ -225,9 +232,7 @@ def build_decoder(hf_model, *, max_seq_len: int, max_prefill_len: int,
     with torch.no_grad():
         # clone: a tied lm_head becomes its own tensor so it can be quantized on its own.
         lm.load_state_dict({k: source[k].detach().to(torch.float32).clone() for k in wanted}, strict=True, assign=True)
-        for module in lm.modules():
-            if hasattr(module, "reset_buffers"):
-                module.reset_buffers()
+        lm.reset_caches()
         cos, sin = _rope_tables(hf_model, max_seq_len)
         lm.rope_cos.copy_(cos[:, None, :])
         lm.rope_sin.copy_(sin[:, None, :])

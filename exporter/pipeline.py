@@ -224,7 +224,7 @@ def verify(folder: Path, *, model: str | None = None, progress: Progress = _quie
     heldout = tok.encode(HELDOUT_TEXT, add_special_tokens=False)[: min(128, recipe.kv_cache.max_seq_len)]
     # Run-time activation quantization makes the reference sensitive to last-bit rounding:
     # measure that noise floor so the lowering gates can be judged against it.
-    dynamic = any(rule.scheme.startswith("int8_dynact") for rule in recipe.quant.rules)
+    dynamic = any(rule.quantizes_activations for rule in recipe.quant.rules)
     noise = PerturbedRunner(lm, NOISE_FLOOR_PERTURBATION) if dynamic and recipe.parity.lowering_noise_floor_factor > 0 else None
     with Stage("parity", backend.name, timings, progress):
         report = check_parity(

@@ -83,10 +83,7 @@ def activation_absmax(lm: nn.Module, tokenizer, texts: Sequence[str]) -> dict[st
     finally:
         for h in handles:
             h.remove()
-        with torch.no_grad():
-            for module in lm.modules():
-                if hasattr(module, "reset_buffers"):
-                    module.reset_buffers()
+        lm.reset_caches()
     return stats
 
 

@@ -79,6 +79,11 @@ class QuantRule:
     # group. Not every target stores zero points; validate() refuses what a target lacks.
     symmetric: bool = True
 
+    @property
+    def quantizes_activations(self) -> bool:
+        """The int8_dynact_* schemes quantize a layer's input to int8 at run time."""
+        return self.scheme.startswith("int8_dynact")
+
     def validate(self, path: str) -> None:
         if self.kind not in MODULE_KINDS:
             _fail(f"{path}.kind", f"{self.kind!r} is not one of {', '.join(MODULE_KINDS)}")

@@ -96,7 +96,7 @@ class CoreMLBackend:
                 "the coreml target always uses Core ML's fused attention over an in-place state; "
                 "leave kv_cache.attention = 'custom_sdpa' and kv_cache.cache_update = 'custom'")
         for i, rule in enumerate(recipe.quant.rules):
-            if rule.scheme.startswith("int8_dynact"):
+            if rule.quantizes_activations:
                 raise UnsupportedError(
                     f"quant.rules[{i}].scheme: {rule.scheme} quantizes activations at run time, which Core ML does not do; "
                     f"use int8_weight or int4_weight (weight-only, computed in fp16) or palettize_4bit")
