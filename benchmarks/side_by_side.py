@@ -17,7 +17,9 @@ builds from source, see docs/benchmarks.md), and times prefill and each decode s
 way the other two report them (greedy, the first token sampled from the prefill logits).
 Each candidate runs in a fresh worker process per round, and the candidates take turns
 within each round, so a slow phase of the machine hits all of them. Writes JSON (every
-sample and the medians) and prints a table.
+sample, the medians, and each candidate's per-round throughput ratio to ``--baseline``)
+and prints two tables. Compare candidates by the ratios: on this VM whole rounds run up to
+2x faster or slower than others, and per-candidate medians over 5 rounds do not cancel that.
 """
 
 from __future__ import annotations
@@ -143,10 +145,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="bench-side-by-side.json")
+    parser.add_argument("--baseline", help="candidate the per-round ratios are taken against (default: the first)")
     parser.add_argument("--llamacpp-python", default=sys.executable,
                         help="python of a venv with llama-cpp-python, for llamacpp: candidates")
     args = parser.parse_args()
     candidates = dict(item.partition("=")[::2] for item in args.candidates)
+    baseline = args.baseline or next(iter(candidates))
+    if baseline not in candidates:
+        raise SystemExit(f"--baseline {baseline}: not one of the candidates ({', '.join(candidates)})")
     samples = {name: [] for name in candidates}
     for r in range(args.rounds):
         for name, spec in candidates.items():
@@ -174,12 +180,36 @@ def main() -> None:
             "load_ms": med(lambda x: x["load_ms"]),
             "rounds": len(runs),
         }
-    Path(args.out).write_text(json.dumps({"threads": args.threads, "summary": summary, "samples": samples}, indent=2))
+    ratios = {name: paired_ratios(samples[name], samples[baseline]) for name in candidates if name != baseline}
+    Path(args.out).write_text(json.dumps({"threads": args.threads, "summary": summary, "baseline": baseline,
+                                          "ratios_to_baseline": ratios, "samples": samples}, indent=2))
     cols = list(next(iter(summary.values())))
     print("| candidate | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for name, row in summary.items():
         print(f"| {name} | " + " | ".join(f"{row[c]:.1f}" if isinstance(row[c], float) else str(row[c]) for c in cols) + " |")
+    print(f"\nper-round ratio to {baseline}, median (min-max):")
+    print("| candidate | decode | prefill 64 | prefill 256 |\n|---|---|---|---|")
+    for name, r in ratios.items():
+        print(f"| {name} | " + " | ".join(f"{r[m]['median']:.3f} ({r[m]['min']:.2f}-{r[m]['max']:.2f})"
+                                          for m in ("decode", "prefill_64", "prefill_256")) + " |")
+
+
+METRICS = {"decode": ("decode_128", "decode_tok_s"), "prefill_64": ("prefill_64", "prefill_tok_s"),
+           "prefill_256": ("prefill_256", "prefill_tok_s")}
+
+
+def paired_ratios(runs: list[dict], baseline_runs: list[dict]) -> dict:
+    """Candidate / baseline throughput within each round, then the median over rounds.
+
+    The candidates of one round run back to back, so a slow phase of the machine (rounds on
+    this VM differ by up to 2x) hits both sides of a ratio; medians of each side taken apart
+    do not cancel it."""
+    out = {}
+    for metric, (phase, key) in METRICS.items():
+        values = [r[phase][key] / b[phase][key] for r, b in zip(runs, baseline_runs)]
+        out[metric] = {"median": statistics.median(values), "min": min(values), "max": max(values), "rounds": values}
+    return out
 
 
 if __name__ == "__main__":

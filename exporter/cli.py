@@ -204,10 +204,11 @@ def inspect(folder: ArtifactDir, json_: JsonFlag = False) -> None:
         files.add_row(name, f"{entry['bytes'] / 1e6:.2f}", entry["sha256"][:16])
     out_console.print(files)
     quant = Table(title="quantization (first matching rule wins)")
-    for col in ("rule", "kind", "scheme", "group", "matched"):
+    for col in ("rule", "kind", "scheme", "group", "symmetric", "matched"):
         quant.add_column(col)
     for r in m["quantization"]["rules"]:
-        quant.add_row(r["match"], r["kind"], r["scheme"], str(r["group_size"] or "-"), str(r["matched"]))
+        symmetric = "-" if r["scheme"] == "float" else ("yes" if r.get("symmetric", True) else "no")
+        quant.add_row(r["match"], r["kind"], r["scheme"], str(r["group_size"] or "-"), symmetric, str(r["matched"]))
     out_console.print(quant)
     out_console.print(f"kept float: {len(m['quantization']['float'])} modules "
                       f"({len(m['quantization']['unmatched'])} matched no rule)")

@@ -35,6 +35,7 @@ class QuantSummary:
                 {
                     "match": m.rule.match, "kind": m.rule.kind, "scheme": m.rule.scheme,
                     "group_size": m.rule.group_size if _uses_group(m.rule.scheme) else None,
+                    "symmetric": m.rule.symmetric,
                     "matched": len(m.modules), "modules": m.modules,
                 }
                 for m in self.rules
@@ -104,10 +105,10 @@ def apply_quantization(model: nn.Module, spec: QuantSpec) -> QuantSummary:
     import torch
     from torchao.quantization import quantize_
 
-    by_config: dict[tuple[str, int], set[str]] = {}
+    by_config: dict[tuple[str, int, bool], set[str]] = {}
     for m in summary.rules:
         if m.rule.scheme != "float" and m.modules:
-            key = (m.rule.scheme, m.rule.group_size if _uses_group(m.rule.scheme) else 0)
+            key = (m.rule.scheme, m.rule.group_size if _uses_group(m.rule.scheme) else 0, m.rule.symmetric)
             by_config.setdefault(key, set()).update(m.modules)
     # Embeddings with padding_idx export to a pattern that no out-variant kernel matches
     # ("Missing out variants: torchao::dequantize_affine"); the index only matters for training.
@@ -116,18 +117,30 @@ def apply_quantization(model: nn.Module, spec: QuantSpec) -> QuantSummary:
             module.padding_idx = None
     modules = dict(model.named_modules())
     with torch.no_grad():
-        for (scheme, group_size), names in by_config.items():
+        for (scheme, group_size, symmetric), names in by_config.items():
             if scheme not in INT4_GROUP_SCHEMES:
                 quantize_(model, torchao_config(scheme, group_size), filter_fn=lambda mod, fqn, names=names: fqn in names)
                 continue
             # One module at a time: its codes come from its float weight, which torchao replaces.
             for name in sorted(names):
                 module = modules[name]
-                codes, scales = int4_group_levels(module.weight, group_size, linear=isinstance(module, nn.Linear))
+                offsets = None
+                if symmetric:
+                    codes, scales = int4_group_levels(module.weight, group_size, linear=isinstance(module, nn.Linear))
+                else:
+                    codes, scales, offsets = int4_group_offsets(module.weight, group_size)
                 quantize_(model, torchao_config(scheme, group_size), filter_fn=lambda mod, fqn, name=name: fqn == name)
-                module.weight.qdata.copy_(codes)
-                module.weight.scale.copy_(scales.reshape(module.weight.scale.shape))
+                _set_int4_codes(module.weight, codes, scales)
+                if offsets is not None:
+                    parent_name, _, child = name.rpartition(".")
+                    parent = modules[parent_name] if parent_name else model
+                    setattr(parent, child, GroupOffsetLinear(module, offsets, group_size))
     return summary
+
+
+def _set_int4_codes(weight, codes, scales) -> None:
+    weight.qdata.copy_(codes)
+    weight.scale.copy_(scales.reshape(weight.scale.shape))
 
 
 INT4_GROUP_SCHEMES = ("int8_dynact_int4_weight", "int4_weight")
@@ -154,6 +167,59 @@ def int4_group_levels(weight, group_size: int, *, linear: bool):
         scales = scales.to(torch.bfloat16).float()
     codes = torch.clamp(torch.round(groups / scales), -8, 7).to(torch.int8)
     return codes.reshape(n, k), scales.reshape(n, k // group_size)
+
+
+def int4_group_offsets(weight, group_size: int):
+    """Asymmetric int4 groups as XNNPACK can run them: symmetric codes plus a float offset.
+
+    XNNPACK's 4-bit weights have a scale per group but no zero point, so ``w ~ s * q`` with q
+    in [-8, 7]. Here ``w ~ s * q + b``: s = (max - min) / 15 and b = min + 8 s, so the code
+    -8 lands on the group's minimum and +7 on its maximum, the min-max grid of llama.cpp's
+    Q4_1. A weight that already lies on such a grid (a checkpoint converted from a Q4_1 GGUF,
+    as the embedded SmolLM2 is) is reproduced up to the bfloat16 rounding of s; a symmetric
+    grid cannot follow it. Returns int8 codes [N, K], bf16-exact scales and float32 offsets
+    [N, K / group_size]."""
+    import torch
+
+    n, k = weight.shape
+    groups = weight.detach().float().reshape(n, k // group_size, group_size)
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+    span = hi - lo
+    exact = torch.where(span > 0, span / 15, torch.ones_like(span))  # a constant group: b alone carries it
+    offsets = torch.where(span > 0, lo + 8 * exact, lo)
+    scales = exact.to(torch.bfloat16).float()
+    codes = torch.clamp(torch.round((groups - offsets[..., None]) / scales[..., None]), -8, 7).to(torch.int8)
+    return codes.reshape(n, k), scales, offsets
+
+
+class GroupOffsetLinear(nn.Module):
+    """``main(x) + offset(group_sum(x))``: an 8da4w Linear whose groups carry float offsets.
+
+    The offset term of output n is ``sum_g b[n, g] * sum_{k in g} x_k``; it costs two small
+    Linears, both quantized so XNNPACK runs them: ``group_sum`` [K / g, K] holds ones (int4
+    code 1, scale 1: exact) and ``offset`` [N, K / g] holds b as int8 per output channel
+    with dynamic int8 activations. On SmolLM2 they add about 12 us per layer call on this
+    machine, whatever the layer's size (docs/benchmarks.md): a quality-for-speed trade."""
+
+    def __init__(self, main: nn.Linear, offsets, group_size: int) -> None:
+        import torch
+        from torchao.quantization import quantize_
+
+        super().__init__()
+        self.main = main
+        n_groups = offsets.shape[1]
+        self.group_sum = nn.Linear(main.in_features, n_groups, bias=False)
+        self.offset = nn.Linear(n_groups, main.out_features, bias=False)
+        with torch.no_grad():
+            self.offset.weight.copy_(offsets)
+        quantize_(self, torchao_config("int8_dynact_int4_weight", group_size), filter_fn=lambda m, fqn: fqn == "group_sum")
+        quantize_(self, torchao_config("int8_dynact_int8_weight", 0), filter_fn=lambda m, fqn: fqn == "offset")
+        ones = torch.zeros(n_groups, n_groups, group_size, dtype=torch.int8)
+        ones[torch.arange(n_groups), torch.arange(n_groups)] = 1
+        _set_int4_codes(self.group_sum.weight, ones.reshape(n_groups, -1), torch.ones(n_groups, n_groups))
+
+    def forward(self, x):
+        return self.main(x) + self.offset(self.group_sum(x))
 
 
 def torchao_config(scheme: str, group_size: int):

@@ -87,9 +87,13 @@ def activation_absmax(lm: nn.Module, tokenizer, texts: Sequence[str]) -> dict[st
     return stats
 
 
-def _factors(act_max: torch.Tensor, linears: Sequence[nn.Linear], alpha: float) -> torch.Tensor:
+def _factors(act_max: torch.Tensor, linears: Sequence[nn.Linear], alpha: float, group_size: int) -> torch.Tensor:
     weight_max = torch.stack([lin.weight.detach().abs().amax(dim=0) for lin in linears]).amax(dim=0)
-    return (act_max.clamp(min=_FLOOR) ** alpha / weight_max.clamp(min=_FLOOR) ** (1 - alpha)).clamp(min=_FLOOR)
+    s = (act_max.clamp(min=_FLOOR) ** alpha / weight_max.clamp(min=_FLOOR) ** (1 - alpha)).clamp(min=_FLOOR)
+    if group_size and s.numel() % group_size == 0:
+        # One factor per group: a group of weights scaled by one number keeps its grid.
+        s = s.reshape(-1, group_size).amax(dim=-1, keepdim=True).expand(-1, group_size).reshape(-1)
+    return s
 
 
 def _fold_into_norm(norm: nn.Module, linears: Sequence[nn.Linear], s: torch.Tensor) -> None:
@@ -98,7 +102,8 @@ def _fold_into_norm(norm: nn.Module, linears: Sequence[nn.Linear], s: torch.Tens
         lin.weight.mul_(s)
 
 
-def smooth_decoder(lm: nn.Module, act_max: dict[str, torch.Tensor], *, alpha: float, lm_head: bool) -> list[str]:
+def smooth_decoder(lm: nn.Module, act_max: dict[str, torch.Tensor], *, alpha: float, lm_head: bool,
+                   group_size: int = 0) -> list[str]:
     """Apply the smoothing in place to our decoder (module names mirror transformers');
     returns the names of the linear layers whose inputs were smoothed."""
     smoothed: list[str] = []
@@ -107,11 +112,11 @@ def smooth_decoder(lm: nn.Module, act_max: dict[str, torch.Tensor], *, alpha: fl
             prefix = f"model.layers.{i}"
             attn, mlp = layer.self_attn, layer.mlp
             qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
-            _fold_into_norm(layer.input_layernorm, qkv, _factors(act_max[f"{prefix}.self_attn.q_proj"], qkv, alpha))
+            _fold_into_norm(layer.input_layernorm, qkv, _factors(act_max[f"{prefix}.self_attn.q_proj"], qkv, alpha, group_size))
             gate_up = [mlp.gate_proj, mlp.up_proj]
             _fold_into_norm(layer.post_attention_layernorm, gate_up,
-                            _factors(act_max[f"{prefix}.mlp.gate_proj"], gate_up, alpha))
-            s = _factors(act_max[f"{prefix}.mlp.down_proj"], [mlp.down_proj], alpha)
+                            _factors(act_max[f"{prefix}.mlp.gate_proj"], gate_up, alpha, group_size))
+            s = _factors(act_max[f"{prefix}.mlp.down_proj"], [mlp.down_proj], alpha, group_size)
             mlp.up_proj.weight.div_(s[:, None])
             if mlp.up_proj.bias is not None:
                 mlp.up_proj.bias.div_(s)
@@ -119,7 +124,7 @@ def smooth_decoder(lm: nn.Module, act_max: dict[str, torch.Tensor], *, alpha: fl
             smoothed += [f"{prefix}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj")]
             smoothed += [f"{prefix}.mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")]
         if lm_head:
-            _fold_into_norm(lm.model.norm, [lm.lm_head], _factors(act_max["lm_head"], [lm.lm_head], alpha))
+            _fold_into_norm(lm.model.norm, [lm.lm_head], _factors(act_max["lm_head"], [lm.lm_head], alpha, group_size))
             smoothed.append("lm_head")
     return smoothed
 
@@ -128,9 +133,10 @@ def smooth_for_quantization(lm: nn.Module, tokenizer, spec: SmoothingSpec) -> di
     """Calibrate on the float decoder, smooth it in place; returns what goes in the manifest."""
     texts = calibration_texts(spec)
     act_max = activation_absmax(lm, tokenizer, texts)
-    smoothed = smooth_decoder(lm, act_max, alpha=spec.alpha, lm_head=spec.lm_head)
+    smoothed = smooth_decoder(lm, act_max, alpha=spec.alpha, lm_head=spec.lm_head, group_size=spec.group_size)
     return {
         "alpha": spec.alpha,
+        "group_size": spec.group_size,
         "calibration": spec.calibration,
         "calibration_samples": len(texts),
         "calibration_tokens": sum(len(tokenizer.encode(t, add_special_tokens=False)) for t in texts),

@@ -111,12 +111,18 @@ class SmoothingSpec:
     lm_head: bool = True
     # "builtin" (exporter/prompts.py) or a UTF-8 text file, one sample per line.
     calibration: str = "builtin"
+    # 0: a factor per input channel. N: one factor per N input channels (the largest of
+    # theirs), so weights that lie on a 4-bit grid per group of N (a checkpoint converted
+    # from GGUF Q4_0/Q4_1, or trained with int4 QAT) stay on it, scaled.
+    group_size: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha < 1.0:
             _fail("quant.smoothing.alpha", f"must be at least 0 (off) and below 1, got {self.alpha}")
         if not self.calibration:
             _fail("quant.smoothing.calibration", 'give "builtin" or the path of a text file')
+        if self.group_size and self.group_size not in GROUP_SIZES:
+            _fail("quant.smoothing.group_size", f"{self.group_size} is not 0 (per channel) or one of {', '.join(map(str, GROUP_SIZES))}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -16,6 +16,9 @@ from conftest import quant_rules, write_recipe
 # int8 embedding, then every linear layer (lm_head included) with the scheme.
 INT4_RULES = quant_rules("int8_dynact_int4_weight")
 INT8_RULES = quant_rules("int8_dynact_int8_weight")
+# Asymmetric int4 linears (symmetric codes + group offsets); the embedding stays symmetric.
+ASYM_INT4_RULES = (quant_rules("int8_dynact_int4_weight").rsplit("symmetric = true", 1)[0]
+                   + "symmetric = false\n")
 
 
 @pytest.fixture(scope="module")
@@ -142,11 +145,13 @@ def test_interrupted_export_leaves_nothing(tiny_checkpoints, tmp_path):
 
 
 SMOOTHING = "\n[quant.smoothing]\nalpha = 0.5\n"
+GROUP_SMOOTHING = "\n[quant.smoothing]\nalpha = 0.5\ngroup_size = 32\n"
 
 
 # The int4 case also runs activation smoothing: calibration on the float model, folded
 # weights, and lowering parity against the smoothed, quantized reference.
-@pytest.mark.parametrize("arch,rules,name", [("llama", INT8_RULES, "int8"), ("qwen3", INT4_RULES + SMOOTHING, "int4")])
+@pytest.mark.parametrize("arch,rules,name", [("llama", INT8_RULES, "int8"), ("qwen3", INT4_RULES + SMOOTHING, "int4"),
+                                             ("llama", ASYM_INT4_RULES + GROUP_SMOOTHING, "int4-asym")])
 def test_quantized_export_and_parity(tiny_checkpoints, tmp_path, arch, rules, name):
     from exporter.pipeline import export, verify
     from exporter.recipe_io import load_recipe
@@ -160,6 +165,7 @@ def test_quantized_export_and_parity(tiny_checkpoints, tmp_path, arch, rules, na
     manifest = json.loads((folder / "manifest.json").read_text())
     quant = manifest["quantization"]
     assert [r["matched"] for r in quant["rules"]] == [1, 15]  # embedding; 2 layers x 7 linears + lm_head
+    assert [r["symmetric"] for r in quant["rules"]] == [True, "asym" not in name]
     assert quant["unmatched"] == []
     if "smoothing" in rules:
         assert quant["smoothing"]["smoothed_linears"] == 2 * 6 + 1  # q/k/v, gate/up, down per layer; lm_head

@@ -71,3 +71,51 @@ def test_int4_groups_put_the_extreme_on_a_level(lm):
         # The group's largest-magnitude value sits on the -8 level (negative) or the +7 level (positive).
         extreme_code = torch.gather(codes.reshape(groups.shape), -1, groups.abs().argmax(-1, keepdim=True))
         assert set(extreme_code.unique().tolist()) <= {-8.0, 7.0}, name
+
+
+def test_asymmetric_int4_groups_reproduce_a_min_max_grid():
+    """A weight on a Q4_1-style grid (w = d * q + m per group of 32, q in 0..15: what the
+    embedded SmolLM2 is) comes back up to the bfloat16 rounding of d; symmetric groups cannot follow it."""
+    import torch
+
+    from exporter.quantize import int4_group_levels, int4_group_offsets
+
+    g = torch.Generator().manual_seed(0)
+    n, k = 48, 64
+    d = torch.rand(n, k // 32, 1, generator=g) * 0.02 + 0.001
+    m = -torch.rand(n, k // 32, 1, generator=g) * 0.15
+    q = torch.randint(0, 16, (n, k // 32, 32), generator=g)
+    q[..., 0], q[..., 1] = 0, 15  # every group spans the whole grid
+    w = (d * q + m).reshape(n, k)
+    codes, scales, offsets = int4_group_offsets(w, 32)
+    assert codes.min() >= -8 and codes.max() <= 7
+    assert torch.equal(scales, scales.to(torch.bfloat16).float())
+    deq = (codes.float().reshape(n, -1, 32) * scales[..., None] + offsets[..., None]).reshape(n, k)
+    err = (deq - w).abs().max()
+    assert err <= 8 * d.max() * 2**-8  # the bf16 rounding of d, times at most 8 steps from the offset
+    sym_codes, sym_scales = int4_group_levels(w, 32, linear=True)
+    sym = (sym_codes.float().reshape(n, -1, 32) * sym_scales[..., None]).reshape(n, k)
+    assert (sym - w).abs().max() > 10 * err
+
+
+def test_asymmetric_rule_wraps_linears_with_group_offsets(lm):
+    import torch
+
+    from exporter.quantize import GroupOffsetLinear, materialize_for_eager
+
+    x = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(1))
+    up = lm.model.layers[1].mlp.up_proj
+    expected = up(x)
+    spec = QuantSpec(rules=(QuantRule(match="model.layers.1.mlp.*", kind="linear", scheme="int8_dynact_int4_weight",
+                                      group_size=32, symmetric=False),))
+    summary = apply_quantization(lm, spec).to_dict()
+    assert summary["rules"][0]["matched"] == 3 and summary["rules"][0]["symmetric"] is False
+    wrapped = lm.model.layers[1].mlp.up_proj
+    assert isinstance(wrapped, GroupOffsetLinear) and wrapped.main is up
+    codes = wrapped.group_sum.weight.qdata
+    assert codes.shape == (2, 64) and codes.sum() == 64 and torch.equal(wrapped.group_sum.weight.scale.float(), torch.ones(2, 2))
+    quantized = wrapped(x)
+    # Random float weights are not on a grid: the result is close to float, not equal.
+    assert torch.nn.functional.cosine_similarity(quantized.flatten(), expected.flatten(), dim=0) > 0.99
+    materialize_for_eager(lm)  # the eager reference path computes the same values
+    assert torch.allclose(lm.model.layers[1].mlp.up_proj(x), quantized, atol=1e-5)

@@ -102,7 +102,11 @@ def test_executorch_refuses_weight_only_linear_and_asymmetric():
     backend = get_backend("executorch")
     for rule, message in (({"scheme": "int4_weight"}, "weight-only int4 linear"),
                           ({"scheme": "int8_weight"}, "weight-only int8 linear"),
-                          ({"scheme": "int8_dynact_int4_weight", "symmetric": False}, "symmetric integers only")):
+                          ({"scheme": "int8_dynact_int8_weight", "symmetric": False}, "only int8_dynact_int4_weight can be asymmetric"),
+                          ({"scheme": "int4_weight", "kind": "embedding", "symmetric": False}, "only int8_dynact_int4_weight")):
         recipe = recipe_from_dict({"name": "x", "quant": {"rules": [{"match": "*", "kind": "linear", **rule}]}})
         with pytest.raises(UnsupportedError, match=message):
             backend.validate(recipe)
+    # int4 linears carry their zero points as group offsets (GroupOffsetLinear).
+    backend.validate(recipe_from_dict({"name": "x", "quant": {"rules": [
+        {"match": "*", "kind": "linear", "scheme": "int8_dynact_int4_weight", "symmetric": False}]}}))

@@ -54,6 +54,41 @@ def test_smoothing_keeps_the_float_function(tiny_checkpoints, arch):
     np.testing.assert_allclose(_logits(lm), before, atol=2e-4, rtol=0)
 
 
+def test_group_smoothing_keeps_4bit_grids(tiny_checkpoints):
+    """With one factor per group of 32 input channels, weights on a Q4_1-style grid per group
+    stay on one (asymmetric int4 groups then reproduce them); per-channel factors scatter them."""
+    from exporter.quantize import int4_group_offsets
+
+    loaded, lm = _decoder(tiny_checkpoints["llama"])
+    _plant_outliers(lm)
+    with torch.no_grad():
+        for module in lm.modules():
+            if isinstance(module, torch.nn.Linear):
+                groups = module.weight.reshape(module.weight.shape[0], -1, 32)
+                lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+                step = (hi - lo) / 15
+                module.weight.copy_((torch.round((groups - lo) / step) * step + lo).reshape(module.weight.shape))
+    act_max = activation_absmax(lm, loaded.tokenizer, calibration_texts(SmoothingSpec(alpha=0.5)))
+
+    def worst_grid_error(model) -> float:
+        worst = 0.0
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                w = module.weight
+                codes, scales, offsets = int4_group_offsets(w, 32)
+                deq = codes.float().reshape(w.shape[0], -1, 32) * scales[..., None] + offsets[..., None]
+                worst = max(worst, float(((deq.reshape(w.shape) - w).abs() / scales.amax()).max()))
+        return worst
+
+    import copy
+
+    per_channel = copy.deepcopy(lm)
+    smooth_decoder(per_channel, act_max, alpha=0.5, lm_head=True)
+    smooth_decoder(lm, act_max, alpha=0.5, lm_head=True, group_size=32)
+    assert worst_grid_error(lm) < 0.05  # bf16 rounding of the scale only
+    assert worst_grid_error(per_channel) > 0.2
+
+
 def test_smoothing_reduces_dynamic_activation_error(tiny_checkpoints):
     from exporter.quantize import apply_quantization, materialize_for_eager
 
@@ -78,6 +113,8 @@ def test_smoothing_reduces_dynamic_activation_error(tiny_checkpoints):
 def test_smoothing_recipe_errors(tmp_path):
     with pytest.raises(RecipeError, match=r"quant\.smoothing\.alpha"):
         recipe_from_dict({"name": "x", "quant": {"smoothing": {"alpha": 1.5}}})
+    with pytest.raises(RecipeError, match=r"quant\.smoothing\.group_size: 48 is not 0"):
+        recipe_from_dict({"name": "x", "quant": {"smoothing": {"alpha": 0.5, "group_size": 48}}})
     with pytest.raises(RecipeError, match=r"quant\.smoothing\.alfa: unknown key; did you mean 'alpha'"):
         recipe_from_dict({"name": "x", "quant": {"smoothing": {"alfa": 0.5}}})
     with pytest.raises(UsageError, match="is not a file"):

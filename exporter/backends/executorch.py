@@ -42,9 +42,10 @@ class ExecuTorchBackend:
                 "use cache_update = 'custom' (kv_cache.attention may be 'sdpa' or 'custom_sdpa')"
             )
         for i, rule in enumerate(recipe.quant.rules):
-            if not rule.symmetric and rule.scheme != "float":
-                raise UnsupportedError(f"quant.rules[{i}].symmetric: the executorch target stores symmetric integers only; "
-                                       f"remove symmetric = false")
+            if not rule.symmetric and rule.scheme not in ("float", "int8_dynact_int4_weight"):
+                # XNNPACK has no zero points; int4 linears carry theirs as offsets (GroupOffsetLinear).
+                raise UnsupportedError(f"quant.rules[{i}].symmetric: on the executorch target only int8_dynact_int4_weight "
+                                       f"can be asymmetric (group offsets); remove symmetric = false from this rule")
             if rule.scheme == "palettize_4bit":
                 raise UnsupportedError(f"quant.rules[{i}]: palettize_4bit is a Core ML storage format; "
                                        f"use int8_dynact_int4_weight on the executorch target")
