@@ -211,6 +211,34 @@ class StaticCacheLM(nn.Module):
         return self.lm_head(x)
 
 
+class SplitLMHead(nn.Module):
+    """The lm_head as two Linears over consecutive vocabulary rows, logits concatenated."""
+
+    def __init__(self, lm_head: nn.Linear, rows: int) -> None:
+        super().__init__()
+        self.head = nn.Linear(lm_head.in_features, rows, bias=lm_head.bias is not None)
+        self.tail = nn.Linear(lm_head.in_features, lm_head.out_features - rows, bias=lm_head.bias is not None)
+        with torch.no_grad():
+            self.head.weight = nn.Parameter(lm_head.weight[:rows].clone(), requires_grad=False)
+            self.tail.weight = nn.Parameter(lm_head.weight[rows:].clone(), requires_grad=False)
+            if lm_head.bias is not None:
+                self.head.bias = nn.Parameter(lm_head.bias[:rows].clone(), requires_grad=False)
+                self.tail.bias = nn.Parameter(lm_head.bias[rows:].clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat((self.head(x), self.tail(x)), dim=-1)
+
+
+def split_lm_head(lm: "StaticCacheLM", rows: int) -> None:
+    """Replace ``lm.lm_head`` by a SplitLMHead at vocabulary row ``rows`` (quant.lm_head_split)."""
+    from exporter.errors import RecipeError
+
+    vocab = lm.lm_head.out_features
+    if not 0 < rows < vocab:
+        raise RecipeError(f"quant.lm_head_split: {rows} must lie between 1 and the vocabulary size - 1 ({vocab - 1})")
+    lm.lm_head = SplitLMHead(lm.lm_head, rows)
+
+
 def build_decoder(hf_model, *, max_seq_len: int, max_prefill_len: int,
                   attention: str = "custom_sdpa", cache_update: str = "custom") -> StaticCacheLM:
     """Copy a transformers Llama/Qwen2/Qwen3 model's weights into a StaticCacheLM (float32, eval)."""

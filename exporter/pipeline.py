@@ -90,6 +90,10 @@ def build_quantized(loaded, recipe: ExportRecipe, backend):
         from exporter.smoothing import smooth_for_quantization
 
         smoothing = smooth_for_quantization(lm, loaded.tokenizer, recipe.quant.smoothing)
+    if recipe.quant.lm_head_split:
+        from exporter.decoder import split_lm_head
+
+        split_lm_head(lm, recipe.quant.lm_head_split)  # after smoothing, which scales the whole lm_head
     summary = backend.quantize(lm, recipe.quant)
     summary.smoothing = smoothing
     return lm, summary

@@ -16,8 +16,11 @@ from conftest import quant_rules, write_recipe
 # int8 embedding, then every linear layer (lm_head included) with the scheme.
 INT4_RULES = quant_rules("int8_dynact_int4_weight")
 INT8_RULES = quant_rules("int8_dynact_int8_weight")
-# Asymmetric int4 linears (symmetric codes + group offsets); the embedding stays symmetric.
-ASYM_INT4_RULES = (quant_rules("int8_dynact_int4_weight").rsplit("symmetric = true", 1)[0]
+# Asymmetric int4 linears (symmetric codes + group offsets), the lm_head split with its
+# first 64 vocabulary rows in int8 (as the SmolLM2 int4-asym recipe does with 8192).
+ASYM_INT4_RULES = ("\n[quant]\nlm_head_split = 64\n"
+                   + quant_rules("int8_dynact_int4_weight", lm_head="int8_dynact_int8_weight")
+                   .replace('match = "lm_head"', 'match = "lm_head.head"').rsplit("symmetric = true", 1)[0]
                    + "symmetric = false\n")
 
 
@@ -164,8 +167,11 @@ def test_quantized_export_and_parity(tiny_checkpoints, tmp_path, arch, rules, na
     folder = export(recipe, out_dir=tmp_path / "art", model=str(tiny_checkpoints[arch]))
     manifest = json.loads((folder / "manifest.json").read_text())
     quant = manifest["quantization"]
-    assert [r["matched"] for r in quant["rules"]] == [1, 15]  # embedding; 2 layers x 7 linears + lm_head
-    assert [r["symmetric"] for r in quant["rules"]] == [True, "asym" not in name]
+    if "asym" in name:  # embedding; lm_head.head; 2 layers x 7 linears + lm_head.tail
+        assert [(r["matched"], r["symmetric"]) for r in quant["rules"]] == [(1, True), (1, True), (15, False)]
+        assert "lm_head.tail" in quant["rules"][2]["modules"]
+    else:  # embedding; 2 layers x 7 linears + lm_head
+        assert [r["matched"] for r in quant["rules"]] == [1, 15]
     assert quant["unmatched"] == []
     if "smoothing" in rules:
         assert quant["smoothing"]["smoothed_linears"] == 2 * 6 + 1  # q/k/v, gate/up, down per layer; lm_head

@@ -119,3 +119,31 @@ def test_asymmetric_rule_wraps_linears_with_group_offsets(lm):
     assert torch.nn.functional.cosine_similarity(quantized.flatten(), expected.flatten(), dim=0) > 0.99
     materialize_for_eager(lm)  # the eager reference path computes the same values
     assert torch.allclose(lm.model.layers[1].mlp.up_proj(x), quantized, atol=1e-5)
+
+
+def test_lm_head_split_keeps_the_logits_and_names_both_parts(lm):
+    import torch
+
+    from exporter.backends import get_backend
+    from exporter.decoder import split_lm_head
+    from exporter.errors import UnsupportedError
+    from exporter.recipe_io import recipe_from_dict
+
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(2))
+    before = lm.lm_head(x)
+    vocab = lm.lm_head.out_features
+    with pytest.raises(RecipeError, match=rf"quant\.lm_head_split: {vocab} must lie between 1 and"):
+        split_lm_head(lm, vocab)
+    split_lm_head(lm, 100)
+    assert torch.allclose(lm.lm_head(x), before, atol=1e-6, rtol=0)  # the same rows; GEMM blocking may differ
+    spec = QuantSpec(lm_head_split=100, rules=(
+        QuantRule(match="lm_head.head", kind="linear", scheme="int8_dynact_int8_weight"),
+        QuantRule(match="lm_head.*", kind="linear", scheme="int8_dynact_int4_weight", group_size=32),
+    ))
+    summary = plan(lm, spec).to_dict()
+    assert [r["modules"] for r in summary["rules"]] == [["lm_head.head"], ["lm_head.tail"]]
+    with pytest.raises(RecipeError, match=r"quant\.lm_head_split: must be 0"):
+        QuantSpec(lm_head_split=-1)
+    recipe = recipe_from_dict({"name": "x", "quant": {"lm_head_split": 100}, "target": {"name": "onnx", "backend": "cpu"}})
+    with pytest.raises(UnsupportedError, match="only the executorch target splits the lm_head"):
+        get_backend("onnx").validate(recipe)

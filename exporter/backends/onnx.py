@@ -46,6 +46,9 @@ class OnnxBackend:
         if recipe.target.backend != "cpu":
             raise UnsupportedError(f"target.backend {recipe.target.backend!r}: the onnx target supports 'cpu' "
                                    f"(ONNX Runtime's CPU execution provider); set target.backend = \"cpu\"")
+        if recipe.quant.lm_head_split:
+            # The graph builder reads the lm_head as one matrix (tied storage, its own MatMulNBits).
+            raise UnsupportedError("quant.lm_head_split: only the executorch target splits the lm_head; remove it")
         kv = recipe.kv_cache
         if (kv.attention, kv.cache_update) != ("custom_sdpa", "custom"):
             raise UnsupportedError("the onnx target always uses the fused GroupQueryAttention op over an in-place cache; "
