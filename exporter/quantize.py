@@ -198,8 +198,9 @@ class GroupOffsetLinear(nn.Module):
     The offset term of output n is ``sum_g b[n, g] * sum_{k in g} x_k``; it costs two small
     Linears, both quantized so XNNPACK runs them: ``group_sum`` [K / g, K] holds ones (int4
     code 1, scale 1: exact) and ``offset`` [N, K / g] holds b as int8 per output channel
-    with dynamic int8 activations. On SmolLM2 they add about 12 us per layer call on this
-    machine, whatever the layer's size (docs/benchmarks.md): a quality-for-speed trade."""
+    with dynamic int8 activations. They add about 12 us per call on this machine whatever the
+    layer's size (a chain of 576 x 576 layers, docs/targets/executorch.md): a quality-for-
+    speed trade (SmolLM2: decode 0.74x the symmetric anchor's, docs/benchmarks.md)."""
 
     def __init__(self, main: nn.Linear, offsets, group_size: int) -> None:
         import torch

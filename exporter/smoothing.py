@@ -91,7 +91,8 @@ def _factors(act_max: torch.Tensor, linears: Sequence[nn.Linear], alpha: float, 
     weight_max = torch.stack([lin.weight.detach().abs().amax(dim=0) for lin in linears]).amax(dim=0)
     s = (act_max.clamp(min=_FLOOR) ** alpha / weight_max.clamp(min=_FLOOR) ** (1 - alpha)).clamp(min=_FLOOR)
     if group_size and s.numel() % group_size == 0:
-        # One factor per group: a group of weights scaled by one number keeps its grid.
+        # One factor per group: a group of weights scaled by one number keeps its grid. (A
+        # width the group does not divide cannot hold such groups; it keeps per-channel factors.)
         s = s.reshape(-1, group_size).amax(dim=-1, keepdim=True).expand(-1, group_size).reshape(-1)
     return s
 
