@@ -49,8 +49,17 @@ def calibration_texts(spec: SmoothingSpec) -> list[str]:
     return lines
 
 
-def activation_absmax(lm: nn.Module, tokenizer, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Per-input-channel max |x| of every Linear of our float decoder over ``texts``.
+def calibration_samples(lm: nn.Module, tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """The token ids of each text, cut to what one prefill of the decoder's cache holds;
+    texts that encode to nothing are dropped. Tokenized once: these are what calibration
+    runs and what the manifest counts."""
+    samples = [tokenizer.encode(text, add_special_tokens=False)[: lm.max_seq_len - 1] for text in texts]
+    return [ids for ids in samples if ids]
+
+
+def activation_absmax(lm: nn.Module, samples: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+    """Per-input-channel max |x| of every Linear of our float decoder over ``samples``
+    (token ids, from calibration_samples).
 
     Run on the decoder itself rather than the transformers model: same values (the decoder
     matches it to 1e-6), and a first transformers forward keeps about one more copy of the
@@ -76,10 +85,8 @@ def activation_absmax(lm: nn.Module, tokenizer, texts: Sequence[str]) -> dict[st
     handles.append(lm.model.layers[-1].register_forward_hook(record_lm_head_input))
     runner = EagerRunner(lm)
     try:
-        for text in texts:
-            ids = tokenizer.encode(text, add_special_tokens=False)[: lm.max_seq_len - 1]
-            if ids:
-                runner.prefill(ids)
+        for ids in samples:
+            runner.prefill(list(ids))
     finally:
         for h in handles:
             h.remove()
@@ -133,13 +140,14 @@ def smooth_decoder(lm: nn.Module, act_max: dict[str, torch.Tensor], *, alpha: fl
 def smooth_for_quantization(lm: nn.Module, tokenizer, spec: SmoothingSpec) -> dict:
     """Calibrate on the float decoder, smooth it in place; returns what goes in the manifest."""
     texts = calibration_texts(spec)
-    act_max = activation_absmax(lm, tokenizer, texts)
+    samples = calibration_samples(lm, tokenizer, texts)
+    act_max = activation_absmax(lm, samples)
     smoothed = smooth_decoder(lm, act_max, alpha=spec.alpha, lm_head=spec.lm_head, group_size=spec.group_size)
     return {
         "alpha": spec.alpha,
         "group_size": spec.group_size,
         "calibration": spec.calibration,
         "calibration_samples": len(texts),
-        "calibration_tokens": sum(len(tokenizer.encode(t, add_special_tokens=False)) for t in texts),
+        "calibration_tokens": sum(len(ids) for ids in samples),  # the tokens that ran
         "smoothed_linears": len(smoothed),
     }

@@ -12,7 +12,7 @@ from exporter.kv_cache import load_custom_ops
 from exporter.load import load_model
 from exporter.recipe_io import recipe_from_dict
 from exporter.runners import EagerRunner
-from exporter.smoothing import activation_absmax, calibration_texts, smooth_decoder
+from exporter.smoothing import activation_absmax, calibration_samples, calibration_texts, smooth_decoder
 from exporter.spec import QuantRule, QuantSpec, SmoothingSpec
 
 TOKENS = [5, 17, 33, 60, 100, 7, 9, 12, 250, 31, 2, 44]
@@ -31,6 +31,11 @@ def _logits(lm) -> np.ndarray:
     return np.stack(rows)
 
 
+def _builtin_absmax(lm, tokenizer) -> dict:
+    """Activation statistics over the built-in calibration text, as an export gathers them."""
+    return activation_absmax(lm, calibration_samples(lm, tokenizer, calibration_texts(SmoothingSpec(alpha=0.5))))
+
+
 def _plant_outliers(model) -> None:
     """Make a few input channels of every q/k/v and gate/up 30x larger in the activations and
     30x smaller in the weights: the same function, with the outliers real models have."""
@@ -47,7 +52,7 @@ def _plant_outliers(model) -> None:
 def test_smoothing_keeps_the_float_function(tiny_checkpoints, arch):
     loaded, lm = _decoder(tiny_checkpoints[arch])
     before = _logits(lm)
-    act_max = activation_absmax(lm, loaded.tokenizer, calibration_texts(SmoothingSpec(alpha=0.5)))
+    act_max = _builtin_absmax(lm, loaded.tokenizer)
     assert all(float(b.abs().sum()) == 0 for n, b in lm.named_buffers() if n.endswith("_cache"))  # cache cleared
     smoothed = smooth_decoder(lm, act_max, alpha=0.5, lm_head=True)
     assert len(smoothed) == 6 * len(lm.model.layers) + 1
@@ -68,7 +73,7 @@ def test_group_smoothing_keeps_4bit_grids(tiny_checkpoints):
                 lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
                 step = (hi - lo) / 15
                 module.weight.copy_((torch.round((groups - lo) / step) * step + lo).reshape(module.weight.shape))
-    act_max = activation_absmax(lm, loaded.tokenizer, calibration_texts(SmoothingSpec(alpha=0.5)))
+    act_max = _builtin_absmax(lm, loaded.tokenizer)
 
     def worst_grid_error(model) -> float:
         worst = 0.0
@@ -101,7 +106,7 @@ def test_smoothing_reduces_dynamic_activation_error(tiny_checkpoints):
         _, lm = _decoder(tiny_checkpoints["llama"])
         _plant_outliers(lm)
         if alpha:
-            act_max = activation_absmax(lm, loaded.tokenizer, calibration_texts(SmoothingSpec(alpha=alpha)))
+            act_max = _builtin_absmax(lm, loaded.tokenizer)
             smooth_decoder(lm, act_max, alpha=alpha, lm_head=False)
         apply_quantization(lm, rules)
         materialize_for_eager(lm)
@@ -129,7 +134,7 @@ def test_calibration_statistics_equal_the_transformers_model(tiny_checkpoints):
     # still cover every position, as a transformers forward over the whole text sees them.
     loaded, lm = _decoder(tiny_checkpoints["qwen3"])
     texts = calibration_texts(SmoothingSpec(alpha=0.5))[:4]
-    ours = activation_absmax(lm, loaded.tokenizer, texts)
+    ours = activation_absmax(lm, calibration_samples(lm, loaded.tokenizer, texts))
     theirs: dict[str, torch.Tensor] = {}
 
     def record(name):
