@@ -16,6 +16,7 @@ for the last token. The cache lives inside the module.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -100,12 +101,17 @@ class SelfAttention(nn.Module):
         self.qk_norm = s.qk_norm
         self.kv_cache = StaticKVCache(max_seq_len, s.n_kv_heads, s.head_dim, cache_update=cache_update)
         self.attn = CachedAttention(max_seq_len, s.n_heads, s.n_kv_heads, s.head_dim, attention=attention)
+        self.qkv_proj = None  # set by fuse_projections
 
     def forward(self, x, start_pos, cos, sin):
         bsz, seq_len, _ = x.shape
-        q = self.q_proj(x).view(bsz, seq_len, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(bsz, seq_len, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(bsz, seq_len, self.n_kv_heads, self.head_dim)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(bsz, seq_len, self.n_heads, self.head_dim)
+        k = k.view(bsz, seq_len, self.n_kv_heads, self.head_dim)
+        v = v.view(bsz, seq_len, self.n_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = q * cos + rotate_half(q) * sin
@@ -120,9 +126,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(shape.hidden_size, shape.intermediate_size, bias=shape.mlp_bias)
         self.up_proj = nn.Linear(shape.hidden_size, shape.intermediate_size, bias=shape.mlp_bias)
         self.down_proj = nn.Linear(shape.intermediate_size, shape.hidden_size, bias=shape.mlp_bias)
+        self.gate_up_proj = None  # set by fuse_projections
 
     def forward(self, x):
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(nn.functional.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -237,6 +248,39 @@ def split_lm_head(lm: "StaticCacheLM", rows: int) -> None:
     if not 0 < rows < vocab:
         raise RecipeError(f"quant.lm_head_split: {rows} must lie between 1 and the vocabulary size - 1 ({vocab - 1})")
     lm.lm_head = SplitLMHead(lm.lm_head, rows)
+
+
+def _concat_linears(parts: list[nn.Linear], names: list[str]) -> nn.Linear:
+    bias = parts[0].bias is not None
+    fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=bias)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([p.weight for p in parts]))
+        if bias:
+            fused.bias.copy_(torch.cat([p.bias for p in parts]))
+    fused.fused_from = tuple(names)  # quantization rules match these names (exporter/quantize.py, plan)
+    return fused
+
+
+def fuse_projections(lm: "StaticCacheLM", can_fuse: Callable[[list[str]], bool]) -> None:
+    """Make q/k/v one Linear (``self_attn.qkv_proj``) and gate/up one (``mlp.gate_up_proj``).
+
+    Each group reads the same input, so one Linear over the concatenated rows computes the
+    same outputs; the caller fuses only groups whose parts get the same quantization
+    (``can_fuse(names)``), and every scheme quantizes per output row, so the quantized
+    weights are the same too. Fewer, larger matmuls: on XNNPACK each Linear is an operator
+    with its own dynamic activation quantization and thread-pool synchronisation."""
+    for i, layer in enumerate(lm.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        names = [f"model.layers.{i}.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj")]
+        if attn.qkv_proj is None and can_fuse(names):
+            parts = [attn.q_proj, attn.k_proj, attn.v_proj]
+            attn.qkv_sizes = [p.out_features for p in parts]
+            attn.qkv_proj = _concat_linears(parts, names)
+            del attn.q_proj, attn.k_proj, attn.v_proj
+        names = [f"model.layers.{i}.mlp.{n}" for n in ("gate_proj", "up_proj")]
+        if mlp.gate_up_proj is None and can_fuse(names):
+            mlp.gate_up_proj = _concat_linears([mlp.gate_proj, mlp.up_proj], names)
+            del mlp.gate_proj, mlp.up_proj
 
 
 def build_decoder(hf_model, *, max_seq_len: int, max_prefill_len: int,

@@ -27,6 +27,7 @@ class RuleMatch:
 class QuantSummary:
     rules: list[RuleMatch]
     unmatched: list[str]  # Linear/Embedding modules no rule matched (they stay float)
+    fused: dict[str, list[str]] = field(default_factory=dict)  # fused Linear -> the modules it replaced
     smoothing: dict | None = None  # what exporter/smoothing.py did before quantizing, if anything
 
     def to_dict(self) -> dict:
@@ -42,6 +43,7 @@ class QuantSummary:
             ],
             "float": sorted(self.float_modules()),
             "unmatched": self.unmatched,
+            "fused": self.fused,
             "smoothing": self.smoothing,
         }
 
@@ -65,22 +67,35 @@ def module_kind(module: nn.Module) -> str | None:
     return None
 
 
+def rule_index(rules: list[QuantRule], name: str, kind: str) -> int | None:
+    """The index of the first rule that applies to module ``name`` of ``kind``, or None."""
+    for i, rule in enumerate(rules):
+        if rule.kind in ("any", kind) and fnmatch.fnmatchcase(name, rule.match):
+            return i
+    return None
+
+
 def plan(model: nn.Module, spec: QuantSpec) -> QuantSummary:
-    """Decide, without changing the model, which rule each quantizable module falls under."""
+    """Decide, without changing the model, which rule each quantizable module falls under.
+
+    A fused Linear (exporter/decoder.py, fuse_projections) falls under the rule of the
+    modules it replaced, which were fused only because they share one."""
     matches = [RuleMatch(rule=r) for r in spec.rules]
-    unmatched = []
+    unmatched, fused = [], {}
     for name, module in model.named_modules():
         kind = module_kind(module)
         if kind is None:
             continue
-        for i, m in enumerate(matches):
-            if m.rule.kind in ("any", kind) and fnmatch.fnmatchcase(name, m.rule.match):
-                _check_applicable(m.rule, name, module, kind, i)
-                m.modules.append(name)
-                break
-        else:
+        parts = getattr(module, "fused_from", None)
+        if parts:
+            fused[name] = list(parts)
+        i = rule_index(spec.rules, parts[0] if parts else name, kind)
+        if i is None:
             unmatched.append(name)
-    return QuantSummary(rules=matches, unmatched=unmatched)
+            continue
+        _check_applicable(spec.rules[i], name, module, kind, i)
+        matches[i].modules.append(name)
+    return QuantSummary(rules=matches, unmatched=unmatched, fused=fused)
 
 
 def _check_applicable(rule: QuantRule, name: str, module: nn.Module, kind: str, index: int) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from exporter.decoder import build_decoder
+from exporter.decoder import build_decoder, fuse_projections
 from exporter.kv_cache import load_custom_ops
 from exporter.load import load_model
 from exporter.runners import EagerRunner, TransformersRunner
@@ -63,3 +63,20 @@ def test_rope_from_positions_equals_the_tables(tiny_checkpoints, arch):
     assert np.array_equal(a.prefill(TOKENS[:7]), b.prefill(TOKENS[:7]))
     for p, t in enumerate(TOKENS[7:], start=7):
         assert np.array_equal(a.decode(t, p), b.decode(t, p))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_fused_projections_compute_the_same_logits(tiny_checkpoints, arch):
+    # qwen2 has q/k/v biases, qwen3 q/k norms after the split.
+    load_custom_ops()
+    loaded = load_model(tiny_checkpoints[arch])
+    separate = build_decoder(loaded.model, max_seq_len=32, max_prefill_len=8)
+    fused = build_decoder(loaded.model, max_seq_len=32, max_prefill_len=8)
+    fuse_projections(fused, lambda names: True)
+    attn, mlp = fused.model.layers[0].self_attn, fused.model.layers[0].mlp
+    assert attn.qkv_proj.fused_from == tuple(f"model.layers.0.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj"))
+    assert not hasattr(attn, "q_proj") and not hasattr(mlp, "up_proj")
+    a, b = EagerRunner(separate), EagerRunner(fused)
+    np.testing.assert_allclose(a.prefill(TOKENS[:7]), b.prefill(TOKENS[:7]), atol=1e-5, rtol=0)
+    for p, t in enumerate(TOKENS[7:], start=7):
+        np.testing.assert_allclose(a.decode(t, p), b.decode(t, p), atol=1e-5, rtol=0)

@@ -167,11 +167,15 @@ def test_quantized_export_and_parity(tiny_checkpoints, tmp_path, arch, rules, na
     folder = export(recipe, out_dir=tmp_path / "art", model=str(tiny_checkpoints[arch]))
     manifest = json.loads((folder / "manifest.json").read_text())
     quant = manifest["quantization"]
-    if "asym" in name:  # embedding; lm_head.head; 2 layers x 7 linears + lm_head.tail
-        assert [(r["matched"], r["symmetric"]) for r in quant["rules"]] == [(1, True), (1, True), (15, False)]
+    # Per layer: qkv_proj (q/k/v fused), o_proj, gate_up_proj (gate/up fused), down_proj.
+    if "asym" in name:  # embedding; lm_head.head; 2 layers x 4 linears + lm_head.tail
+        assert [(r["matched"], r["symmetric"]) for r in quant["rules"]] == [(1, True), (1, True), (9, False)]
         assert "lm_head.tail" in quant["rules"][2]["modules"]
-    else:  # embedding; 2 layers x 7 linears + lm_head
-        assert [r["matched"] for r in quant["rules"]] == [1, 15]
+    else:  # embedding; 2 layers x 4 linears + lm_head
+        assert [r["matched"] for r in quant["rules"]] == [1, 9]
+    assert quant["fused"]["model.layers.1.self_attn.qkv_proj"] == [
+        f"model.layers.1.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj")]
+    assert len(quant["fused"]) == 2 * 2
     assert quant["unmatched"] == []
     if "smoothing" in rules:
         assert quant["smoothing"]["smoothed_linears"] == 2 * 6 + 1  # q/k/v, gate/up, down per layer; lm_head

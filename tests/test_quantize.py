@@ -147,3 +147,25 @@ def test_lm_head_split_keeps_the_logits_and_names_both_parts(lm):
     recipe = recipe_from_dict({"name": "x", "quant": {"lm_head_split": 100}, "target": {"name": "onnx", "backend": "cpu"}})
     with pytest.raises(UnsupportedError, match="only the executorch target splits the lm_head"):
         get_backend("onnx").validate(recipe)
+
+
+def test_executorch_fuses_only_projections_that_share_a_rule(lm):
+    # v_proj of layer 0 gets its own rule: that layer's q/k/v stay three Linears, its gate/up
+    # and every other layer's groups are fused and fall under the rule of their parts.
+    from exporter.backends.executorch import ExecuTorchBackend
+
+    spec = QuantSpec(rules=(
+        QuantRule(match="model.layers.0.self_attn.v_proj", kind="linear", scheme="int8_dynact_int8_weight"),
+        QuantRule(match="model.layers.*", kind="linear", scheme="int8_dynact_int4_weight", group_size=32),
+    ))
+    summary = ExecuTorchBackend().quantize(lm, spec).to_dict()
+    layer0, layer1 = lm.model.layers[0], lm.model.layers[1]
+    assert layer0.self_attn.qkv_proj is None and hasattr(layer0.self_attn, "v_proj")
+    assert layer1.self_attn.qkv_proj is not None and layer0.mlp.gate_up_proj is not None
+    assert summary["rules"][0]["modules"] == ["model.layers.0.self_attn.v_proj"]
+    assert "model.layers.1.self_attn.qkv_proj" in summary["rules"][1]["modules"]
+    assert summary["fused"]["model.layers.0.mlp.gate_up_proj"] == ["model.layers.0.mlp.gate_proj",
+                                                                    "model.layers.0.mlp.up_proj"]
+    assert "model.layers.0.self_attn.qkv_proj" not in summary["fused"]
+    # Quantization is per output row, so the fused weight is the parts' weights stacked.
+    assert type(layer1.self_attn.qkv_proj.weight).__name__ == "IntxUnpackedToInt8Tensor"

@@ -119,13 +119,16 @@ class ExecuTorchBackend:
     def quantize(self, lm, spec):
         """torchao quantization, with group scales rounded to bfloat16 as XNNPACK stores them.
 
-        The program computes RoPE from the positions rather than storing tables, so the
-        reference does too."""
+        q/k/v and gate/up that share a rule are fused first (one XNNPACK operator each instead
+        of three and two; docs/targets/executorch.md). The program computes RoPE from the
+        positions rather than storing tables, so the reference does too."""
         import torch
 
-        from exporter.quantize import apply_quantization, round_group_scales
+        from exporter.decoder import fuse_projections
+        from exporter.quantize import apply_quantization, round_group_scales, rule_index
 
         lm.rope_from_positions()
+        fuse_projections(lm, lambda names: len({rule_index(spec.rules, n, "linear") for n in names}) == 1)
         summary = apply_quantization(lm, spec)
         round_group_scales(lm, torch.bfloat16)
         return summary
