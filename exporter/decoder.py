@@ -252,11 +252,12 @@ def split_lm_head(lm: "StaticCacheLM", rows: int) -> None:
 
 def _concat_linears(parts: list[nn.Linear], names: list[str]) -> nn.Linear:
     bias = parts[0].bias is not None
-    fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=bias)
+    # On the meta device: no random init of a weight that is replaced at once.
+    fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=bias, device="meta")
     with torch.no_grad():
-        fused.weight.copy_(torch.cat([p.weight for p in parts]))
+        fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
         if bias:
-            fused.bias.copy_(torch.cat([p.bias for p in parts]))
+            fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
     fused.fused_from = tuple(names)  # quantization rules match these names (exporter/quantize.py, plan)
     return fused
 

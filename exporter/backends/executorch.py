@@ -75,6 +75,7 @@ class ExecuTorchBackend:
         from exporter.backends.xnnpack_speedups import fast_lowering
         from exporter.capture import capture
         from exporter.kv_cache import load_custom_ops
+        from exporter.memory import release_memory
 
         load_custom_ops()
         timings = {}
@@ -95,6 +96,10 @@ class ExecuTorchBackend:
                 constant_methods=metadata,
             )
             timings["lower_s"] = time.perf_counter() - t0
+            # The captured graph (with its fake-tensor metadata) is not needed to emit: drop it
+            # before the emit stage's peak.
+            del exported
+            release_memory()
 
             t0 = time.perf_counter()
             on_stage("emit ExecuTorch program")
