@@ -215,7 +215,7 @@ class GroupOffsetLinear(nn.Module):
     code 1, scale 1: exact) and ``offset`` [N, K / g] holds b as int8 per output channel
     with dynamic int8 activations. They add about 12 us per call on this machine whatever the
     layer's size (a chain of 576 x 576 layers, docs/targets/executorch.md): a quality-for-
-    speed trade (SmolLM2: decode 0.74x the symmetric anchor's, docs/benchmarks.md)."""
+    speed trade (SmolLM2: decode 0.74-0.87x the anchor's across runs, docs/benchmarks.md)."""
 
     def __init__(self, main: nn.Linear, offsets, group_size: int) -> None:
         import torch
