@@ -38,8 +38,14 @@ class BlockQuantized:
         ) and np.array_equal(self.packed, other.packed) and np.array_equal(self.scales, other.scales)
 
 
-def quantize_blockwise(weight: np.ndarray, *, bits: int, block_size: int, symmetric: bool) -> BlockQuantized:
-    """Round-to-nearest block quantization of a float [N, K] weight (K padded to whole blocks)."""
+def quantize_blockwise(weight: np.ndarray, *, bits: int, block_size: int, symmetric: bool,
+                       gram=None) -> BlockQuantized:
+    """Round-to-nearest block quantization of a float [N, K] weight (K padded to whole blocks).
+
+    ``gram``: the block-diagonal input Gram matrix of the layer, [k_blocks, block, block]
+    (scale_search.input_grams); given, each block's scale and zero point are searched to
+    minimise the output error (scale_search.search_block_scales) instead of taken from the
+    block's min/max."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     w = np.asarray(weight, dtype=np.float32)
@@ -49,7 +55,11 @@ def quantize_blockwise(weight: np.ndarray, *, bits: int, block_size: int, symmet
     padded[:, :k] = w
     blocks = padded.reshape(n, k_blocks, block_size)
     qmax = (1 << bits) - 1
-    if symmetric:
+    if gram is not None:
+        from exporter.scale_search import search_block_scales
+
+        scales, zero = search_block_scales(blocks, gram, bits=bits, symmetric=symmetric)
+    elif symmetric:
         middle = 1 << (bits - 1)  # 8 or 128
         # The value of largest magnitude maps to -middle exactly (as llama.cpp's Q4_0 does):
         # one more level of resolution than absmax / (middle - 1), nothing clipped.

@@ -17,7 +17,7 @@ from exporter.backends import get_backend
 from exporter.errors import ArtifactError, RecgptError, StageError, UsageError
 from exporter.memory import release_memory
 from exporter.recipe_io import recipe_to_dict
-from exporter.spec import ExportRecipe
+from exporter.spec import ExportRecipe, ScaleSearchSpec
 
 Progress = Callable[[str], None]
 
@@ -104,7 +104,15 @@ def quantize_decoder(lm, tokenizer, recipe: ExportRecipe, backend):
         from exporter.decoder import split_lm_head
 
         split_lm_head(lm, recipe.quant.lm_head_split)  # after smoothing, which scales the whole lm_head
-    summary = backend.quantize(lm, recipe.quant)
+    if recipe.quant.scale_search.method == "activation":
+        from exporter.scale_search import calibrate
+
+        # On the smoothed weights' inputs: those are what the quantized layers will see.
+        grams, scale_search = calibrate(lm, tokenizer, recipe.quant)
+        summary = backend.quantize(lm, recipe.quant, grams=grams)  # only backends that search accept it
+        summary.scale_search = scale_search
+    else:
+        summary = backend.quantize(lm, recipe.quant)
     summary.smoothing = smoothing
     return summary
 
@@ -168,16 +176,17 @@ def export(recipe: ExportRecipe, *, out_dir: Path, model: str | None = None, for
 
 
 def _with_absolute_calibration(recipe: ExportRecipe) -> ExportRecipe:
-    """Check a smoothing calibration file before any work, and record its absolute path:
-    verify rebuilds the reference from the manifest's recipe, maybe from another directory."""
-    smoothing = recipe.quant.smoothing
-    if smoothing.alpha <= 0 or smoothing.calibration == "builtin":
-        return recipe
+    """Check calibration files before any work, and record their absolute paths: verify
+    rebuilds the reference from the manifest's recipe, maybe from another directory."""
     from exporter.smoothing import calibration_texts
 
-    calibration_texts(smoothing)  # a missing or empty file fails here, in one line
-    absolute = replace(smoothing, calibration=str(Path(smoothing.calibration).resolve()))
-    return replace(recipe, quant=replace(recipe.quant, smoothing=absolute))
+    quant = recipe.quant
+    for table, used in (("smoothing", quant.smoothing.alpha > 0), ("scale_search", quant.scale_search.method != "none")):
+        spec = getattr(quant, table)
+        if used and spec.calibration != "builtin":
+            calibration_texts(spec, f"quant.{table}.calibration")  # a missing or empty file fails here, in one line
+            quant = replace(quant, **{table: replace(spec, calibration=str(Path(spec.calibration).resolve()))})
+    return replace(recipe, quant=quant)
 
 
 def runtime_constants(meta: dict, recipe: ExportRecipe) -> dict:
@@ -230,7 +239,15 @@ def verify(folder: Path, *, model: str | None = None, progress: Progress = _quie
     with Stage("reference", backend.name, timings, progress):
         from exporter.quantize import materialize_for_eager
 
-        lm, _ = build_quantized(loaded, recipe, backend)
+        adopts = hasattr(backend, "adopt_artifact_weights")
+        reference_recipe = recipe
+        if adopts:
+            # The artifact's stored weights replace every quantized one below, so searching
+            # scales again would be wasted work (and need not give the same near-ties).
+            reference_recipe = replace(recipe, quant=replace(recipe.quant, scale_search=ScaleSearchSpec()))
+        lm, _ = build_quantized(loaded, reference_recipe, backend)
+        if adopts:
+            backend.adopt_artifact_weights(lm, artifact)
         materialize_for_eager(lm)  # same values, without re-dequantizing every weight per call
     with Stage("tokenizer", backend.name, timings, progress):
         encode, decode = backend.shipped_tokenizer(artifact)

@@ -29,6 +29,7 @@ class QuantSummary:
     unmatched: list[str]  # Linear/Embedding modules no rule matched (they stay float)
     fused: dict[str, list[str]] = field(default_factory=dict)  # fused Linear -> the modules it replaced
     smoothing: dict | None = None  # what exporter/smoothing.py did before quantizing, if anything
+    scale_search: dict | None = None  # exporter/scale_search.py's calibration, when scales were searched
 
     def to_dict(self) -> dict:
         return {
@@ -45,6 +46,7 @@ class QuantSummary:
             "unmatched": self.unmatched,
             "fused": self.fused,
             "smoothing": self.smoothing,
+            "scale_search": self.scale_search,
         }
 
     def float_modules(self) -> list[str]:

@@ -32,20 +32,21 @@ from exporter.spec import SmoothingSpec
 _FLOOR = 1e-5  # keeps s finite for channels that never fire or whose weights are all zero
 
 
-def calibration_texts(spec: SmoothingSpec) -> list[str]:
-    """The built-in calibration lines, or the non-blank lines of the user's UTF-8 file."""
+def calibration_texts(spec, field: str = "quant.smoothing.calibration") -> list[str]:
+    """The built-in calibration lines, or the non-blank lines of the user's UTF-8 file named
+    by ``spec.calibration`` (``field``: where the recipe sets it, for the error line)."""
     if spec.calibration == "builtin":
         from exporter.prompts import CALIBRATION_TEXTS
 
         return list(CALIBRATION_TEXTS)
     path = Path(spec.calibration)
     if not path.is_file():
-        raise UsageError(f"quant.smoothing.calibration: {path} is not a file",
+        raise UsageError(f"{field}: {path} is not a file",
                          hint='give a UTF-8 text file with one sample per line, or "builtin"')
     lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     lines = [line for line in lines if line]
     if not lines:
-        raise UsageError(f"quant.smoothing.calibration: {path} has no text", hint="put one sample per line")
+        raise UsageError(f"{field}: {path} has no text", hint="put one sample per line")
     return lines
 
 

@@ -125,12 +125,33 @@ class SmoothingSpec:
             _fail("quant.smoothing.group_size", f"{self.group_size} is not 0 (per channel) or one of {', '.join(map(str, GROUP_SIZES))}")
 
 
+SCALE_SEARCH_METHODS = ("none", "activation")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScaleSearchSpec:
+    """How block scales are chosen (exporter/scale_search.py). "none": from each block's
+    min/max. "activation": searched per block to minimise the layer's output error on the
+    calibration texts' activations; same storage, same kernels."""
+
+    method: str = "none"
+    # "builtin" (exporter/prompts.py) or a UTF-8 text file, one sample per line.
+    calibration: str = "builtin"
+
+    def __post_init__(self) -> None:
+        if self.method not in SCALE_SEARCH_METHODS:
+            _fail("quant.scale_search.method", f"{self.method!r} is not one of {', '.join(SCALE_SEARCH_METHODS)}")
+        if not self.calibration:
+            _fail("quant.scale_search.calibration", 'give "builtin" or the path of a text file')
+
+
 @dataclass(frozen=True, kw_only=True)
 class QuantSpec:
     """Ordered rules, first match wins; modules no rule matches stay float and are counted."""
 
     rules: tuple[QuantRule, ...] = ()
     smoothing: SmoothingSpec = field(default_factory=SmoothingSpec)
+    scale_search: ScaleSearchSpec = field(default_factory=ScaleSearchSpec)
     # N > 0: the lm_head becomes two Linears, lm_head.head (vocabulary rows 0..N-1) and
     # lm_head.tail (the rest), so rules can give them different schemes. BPE vocabularies
     # number tokens roughly by merge order, so the first rows are the frequent tokens the

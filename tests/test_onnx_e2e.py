@@ -57,20 +57,32 @@ def test_fp32_parity_is_exact(tiny_checkpoints, tmp_path, arch):
     assert report["compared"]["runtime"].startswith("onnxruntime 1.32.0")
 
 
-@pytest.mark.parametrize("arch,linear,embedding,group,symmetric", [
-    ("qwen3", "int4_weight", "int4_weight", 32, True),   # tied: embedding and lm_head share one blob
-    ("qwen2", "int8_weight", "int8_weight", 64, False),  # asymmetric, zero points stored
-    ("llama", "int4_weight", "int8_weight", 32, False),
+SEARCH = '[quant.scale_search]\nmethod = "activation"\n'
+
+
+@pytest.mark.parametrize("arch,linear,embedding,group,symmetric,search", [
+    ("qwen3", "int4_weight", "int4_weight", 32, True, False),   # tied: embedding and lm_head share one blob
+    ("qwen3", "int4_weight", "int4_weight", 32, True, True),    # ... still one blob with searched scales
+    ("qwen2", "int8_weight", "int8_weight", 64, False, False),  # asymmetric, zero points stored
+    ("llama", "int4_weight", "int8_weight", 32, False, True),
 ])
-def test_quantized_lowering_parity_is_tight(tiny_checkpoints, tmp_path, arch, linear, embedding, group, symmetric):
+def test_quantized_lowering_parity_is_tight(tiny_checkpoints, tmp_path, arch, linear, embedding, group, symmetric, search):
     """The graph computes with exactly the dequantized weights of the eager reference.
     Quality against float is not gated here: random tiny weights exaggerate quantization."""
     from exporter.pipeline import verify
 
-    extra = rules(linear, embedding, group, symmetric) + TIGHT + "quality_top1_min = 0.0\nquality_kl_mean_max = 100.0\n"
+    extra = rules(linear, embedding, group, symmetric) + (SEARCH if search else "") + TIGHT + \
+        "quality_top1_min = 0.0\nquality_kl_mean_max = 100.0\n"
     folder = export_onnx(tmp_path, tiny_checkpoints[arch], f"tiny-{arch}-onnx-q", extra)
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["quantization"]["unmatched"] == []
+    searched = manifest["quantization"]["scale_search"]
+    if search:  # every quantized Linear, lm_head included
+        assert searched["method"] == "activation" and searched["calibration_tokens"] > 0
+        assert searched["searched_linears"] == sum(len(r["modules"]) for r in manifest["quantization"]["rules"]
+                                                   if r["kind"] == "linear")
+    else:
+        assert searched is None
     # Qwen2 and Qwen3 tie embeddings; stored alike, the matrix is written once.
     assert manifest["target"]["shared_embedding"] is (arch != "llama")
     report = verify(folder)

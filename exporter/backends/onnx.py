@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -69,39 +70,110 @@ class OnnxBackend:
         # The graph's attention is GroupQueryAttention; the reference only needs the same math.
         return "sdpa", "index_copy"
 
-    def quantize(self, lm, spec):
+    def quantize(self, lm, spec, *, grams=None):
         """Quantize matched modules in ONNX Runtime's block layout; the eager weights become the
-        dequantized values, so ``lm`` computes exactly what the graph will."""
+        dequantized values, so ``lm`` computes exactly what the graph will.
+
+        ``grams``: input Gram matrices by Linear name (scale_search.calibrate); given, each
+        block's scale is searched against them instead of taken from its min/max."""
         import torch
 
         from exporter.onnx_graph import ACCURACY_INT8, ONNX_WEIGHT_ATTR
         from exporter.onnx_quant import dequantize, fake_quantize_activation, quantize_blockwise
         from exporter.quantize import plan
 
+        grams = grams or {}
         summary = plan(lm, spec)
         modules = dict(lm.named_modules())
+        jobs = []  # (rule, name, module, bits, accuracy)
         for index, match in enumerate(summary.rules):
             rule = match.rule
             if rule.scheme == "float":
                 continue
             for name in match.modules:
                 module = modules[name]
-                is_embedding = isinstance(module, torch.nn.Embedding)
-                bits, accuracy = (_EMBEDDING_BITS[rule.scheme], 0) if is_embedding else _LINEAR_STORAGE[rule.scheme]
-                weight = module.weight.detach().float().numpy()
-                if weight.shape[1] % rule.group_size:
+                bits, accuracy = (_EMBEDDING_BITS[rule.scheme], 0) if isinstance(module, torch.nn.Embedding) \
+                    else _LINEAR_STORAGE[rule.scheme]
+                if module.weight.shape[1] % rule.group_size:
                     raise RecipeError(f"quant.rules[{index}].group_size: {rule.group_size} does not divide the input width "
-                                      f"{weight.shape[1]} of {name}; choose a block size that divides it or keep it float")
-                stored = quantize_blockwise(weight, bits=bits, block_size=rule.group_size, symmetric=rule.symmetric)
-                setattr(module, ONNX_WEIGHT_ATTR, stored)
-                module.onnx_accuracy_level = accuracy
-                if accuracy == ACCURACY_INT8:
-                    # The kernel quantizes its input per block; the reference does the same.
-                    module.register_forward_pre_hook(
-                        lambda _m, args, block=rule.group_size: (fake_quantize_activation(args[0], block),))
-                with torch.no_grad():
-                    module.weight = torch.nn.Parameter(torch.from_numpy(dequantize(stored)), requires_grad=False)
+                                      f"{module.weight.shape[1]} of {name}; choose a block size that divides it or keep it float")
+                jobs.append((rule, name, module, bits, accuracy))
+        # A tied embedding and lm_head (equal weights, stored alike) are quantized once, with
+        # the lm_head's Gram matrix when searching, so they stay one initializer (onnx_graph).
+        groups: list[list] = []  # jobs sharing one stored weight
+        storage = lambda job: (job[3], job[0].group_size, job[0].symmetric, tuple(job[2].weight.shape))  # noqa: E731
+        for job in jobs:
+            same = (g for g in groups if storage(g[0]) == storage(job) and torch.equal(g[0][2].weight, job[2].weight))
+            group = next(same, None)
+            if group is None:
+                groups.append([job])
+            else:
+                group.append(job)
+        for group in groups:
+            rule, _, module, bits, _ = group[0]
+            gram = next((grams[job[1]] for job in group if job[1] in grams), None)
+            stored = quantize_blockwise(module.weight.detach().float().numpy(), bits=bits, block_size=rule.group_size,
+                                        symmetric=rule.symmetric, gram=gram)
+            for job in group:
+                setattr(job[2], ONNX_WEIGHT_ATTR, stored)
+        for rule, name, module, bits, accuracy in jobs:
+            module.onnx_accuracy_level = accuracy
+            if accuracy == ACCURACY_INT8:
+                # The kernel quantizes its input per block; the reference does the same.
+                module.register_forward_pre_hook(
+                    lambda _m, args, block=rule.group_size: (fake_quantize_activation(args[0], block),))
+        with torch.no_grad():
+            # After every module is quantized: a tied weight must keep its float value until then.
+            for rule, name, module, bits, accuracy in jobs:
+                module.weight = torch.nn.Parameter(torch.from_numpy(dequantize(getattr(module, ONNX_WEIGHT_ATTR))),
+                                                   requires_grad=False)
         return summary
+
+    def adopt_artifact_weights(self, lm, artifact) -> int:
+        """Give the quantized reference the artifact's own stored weights (codes, scales, zero
+        points), dequantized; returns how many modules were replaced.
+
+        verify's lowering parity then compares the graph with exactly the weights it holds.
+        Rebuilding them is not enough once scales are searched: the search compares costs
+        computed from float32 activations, whose last bits depend on the thread count, and a
+        near-tie can fall the other way (measured: 200 of 3.7M SmolLM2 blocks differed
+        between a 2-thread export and a 1-thread rebuild)."""
+        import torch
+        from onnx import load, numpy_helper
+
+        from exporter.onnx_graph import ONNX_WEIGHT_ATTR
+        from exporter.onnx_quant import dequantize
+
+        graph = load(str(artifact.path / artifact.manifest["roles"]["program"])).graph
+        arrays = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+        shared = artifact.manifest["target"].get("shared_embedding", False)
+        rows_done: dict[str, int] = {}  # fused q/k/v: rows of qkv_proj already handed out
+        replaced = 0
+        for name, module in lm.named_modules():
+            stored = getattr(module, ONNX_WEIGHT_ATTR, None)
+            if stored is None:
+                continue
+            source, first = name, 0
+            if name == "model.embed_tokens":
+                source = "lm_head" if shared else name
+            elif f"{name}.weight_scales" not in arrays and name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj"):
+                source = name.rsplit(".", 1)[0] + ".qkv_proj"
+                first = rows_done.get(source, 0)
+                rows_done[source] = first + stored.shape[0]
+            n, k_blocks = stored.shape[0], stored.k_blocks
+            packed_name = next(f"{source}.weight_q{suffix}" for suffix in (stored.bits, "")
+                               if f"{source}.weight_q{suffix}" in arrays)
+            packed = arrays[packed_name].reshape(-1, *stored.packed.shape[1:])[first:first + n]
+            scales = arrays[f"{source}.weight_scales"].reshape(-1, k_blocks)[first:first + n]
+            zero = None
+            if stored.zero_points is not None:
+                zero = arrays[f"{source}.weight_zero_points"].reshape(-1, stored.zero_points.shape[-1])[first:first + n]
+            adopted = replace(stored, packed=packed, scales=scales, zero_points=zero)
+            setattr(module, ONNX_WEIGHT_ATTR, adopted)
+            with torch.no_grad():
+                module.weight = torch.nn.Parameter(torch.from_numpy(dequantize(adopted)), requires_grad=False)
+            replaced += 1
+        return replaced
 
     def lower(self, lm, *, recipe, model: dict, metadata: dict, out_dir: Path, on_stage: Callable[[str], None]) -> dict:
         onnx = require("onnx", self.extra)
