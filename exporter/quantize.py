@@ -113,8 +113,12 @@ def _check_applicable(rule: QuantRule, name: str, module: nn.Module, kind: str, 
                               f"choose a group size that divides it or keep that module float")
 
 
-def apply_quantization(model: nn.Module, spec: QuantSpec) -> QuantSummary:
-    """Quantize ``model`` in place with torchao and return what was done."""
+def apply_quantization(model: nn.Module, spec: QuantSpec, grams: dict | None = None) -> QuantSummary:
+    """Quantize ``model`` in place with torchao and return what was done.
+
+    ``grams``: input Gram matrices by Linear name (scale_search.calibrate); symmetric int4
+    Linears then get searched group scales. A fused Linear reads its first part's: the
+    parts share their input."""
     summary = plan(model, spec)
     if summary.quantized_count() == 0:
         return summary
@@ -143,7 +147,9 @@ def apply_quantization(model: nn.Module, spec: QuantSpec) -> QuantSummary:
                 module = modules[name]
                 offsets = None
                 if symmetric:
-                    codes, scales = int4_group_levels(module.weight, group_size, linear=isinstance(module, nn.Linear))
+                    gram = (grams or {}).get(getattr(module, "fused_from", (name,))[0])
+                    codes, scales = int4_group_levels(module.weight, group_size, linear=isinstance(module, nn.Linear),
+                                                      gram=gram)
                 else:
                     codes, scales, offsets = int4_group_offsets(module.weight, group_size)
                 quantize_(model, torchao_config(scheme, group_size), filter_fn=lambda mod, fqn, name=name: fqn == name)
@@ -163,7 +169,7 @@ def _set_int4_codes(weight, codes, scales) -> None:
 INT4_GROUP_SCHEMES = ("int8_dynact_int4_weight", "int4_weight")
 
 
-def int4_group_levels(weight, group_size: int, *, linear: bool):
+def int4_group_levels(weight, group_size: int, *, linear: bool, gram=None):
     """Symmetric int4 codes and scales per group, with the group's extreme on a level.
 
     torchao's default scale, absmax / 7.5, rounds a group's largest value to 7 or 8 steps
@@ -172,14 +178,24 @@ def int4_group_levels(weight, group_size: int, *, linear: bool):
     ONNX quantizer do the same, and like them a positive value beyond 7 steps is clipped to
     7) and on +7 when positive (XNNPACK refuses negative scales, which would put it on -8
     too). Linear scales are rounded to bfloat16 first, as XNNPACK stores them, and the codes
-    computed against the rounded scale. Measured on SmolLM2-135M in docs/benchmarks.md."""
+    computed against the rounded scale. Measured on SmolLM2-135M in docs/benchmarks.md.
+
+    ``gram``: the layer's block input Gram matrix (scale_search.input_grams); given, each
+    group's scale is searched against it instead (scale_search.search_block_scales)."""
     import torch
 
     n, k = weight.shape
     groups = weight.detach().float().reshape(n, k // group_size, group_size)
-    extreme = torch.gather(groups, -1, groups.abs().argmax(dim=-1, keepdim=True))
-    scales = torch.where(extreme < 0, extreme / -8.0, extreme / 7.0)
-    scales = torch.where(scales == 0, torch.ones_like(scales), scales)  # an all-zero group
+    if gram is not None:
+        from exporter.scale_search import search_block_scales
+
+        found, _ = search_block_scales(groups.numpy(), gram, bits=4, symmetric=True, positive_scales=True,
+                                       scale_dtype=torch.bfloat16 if linear else None)
+        scales = torch.from_numpy(found)[..., None]
+    else:
+        extreme = torch.gather(groups, -1, groups.abs().argmax(dim=-1, keepdim=True))
+        scales = torch.where(extreme < 0, extreme / -8.0, extreme / 7.0)
+        scales = torch.where(scales == 0, torch.ones_like(scales), scales)  # an all-zero group
     if linear:
         scales = scales.to(torch.bfloat16).float()
     codes = torch.clamp(torch.round(groups / scales), -8, 7).to(torch.int8)

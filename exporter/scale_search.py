@@ -57,23 +57,34 @@ def input_grams(lm: nn.Module, samples: Sequence[Sequence[int]], block_sizes: di
         else:
             handles.append(modules[name].register_forward_hook(lambda _m, inputs, _o, name=name: add(name, inputs[0])))
     runner = EagerRunner(lm)
+    threads = torch.get_num_threads()
+    # One thread: the activations' last bits then do not depend on how the work was split,
+    # so verify's rebuild of the reference picks the same scales as the export did (a
+    # near-tie between two candidates can otherwise fall the other way).
+    torch.set_num_threads(1)
     try:
         with torch.no_grad():
             for ids in samples:
                 runner.prefill(list(ids))
     finally:
+        torch.set_num_threads(threads)
         for handle in handles:
             handle.remove()
         lm.reset_caches()
     return grams
 
 
-def search_block_scales(blocks: np.ndarray, gram: torch.Tensor, *, bits: int,
-                        symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+def search_block_scales(blocks: np.ndarray, gram: torch.Tensor, *, bits: int, symmetric: bool,
+                        positive_scales: bool = False, scale_dtype=None) -> tuple[np.ndarray, np.ndarray]:
     """Scales [N, k_blocks] (float32) and zero points (float, integral) for ``blocks``
     [N, k_blocks, block] that minimise each block's ``e^T G e``. Symmetric zero points are
-    the middle of the range, as ONNX Runtime assumes without stored zero points."""
+    the middle of the range, as ONNX Runtime assumes without stored zero points.
+
+    ``positive_scales``: only scales > 0 (XNNPACK refuses negative ones). ``scale_dtype``:
+    every candidate is rounded to it first (XNNPACK stores bfloat16), so the cost compared is
+    that of the scale the target will hold."""
     w = torch.from_numpy(blocks).double()
+    stored = (lambda s: s.to(scale_dtype).double()) if scale_dtype is not None else (lambda s: s)  # noqa: E731
     g = gram.clone()
     diagonal = torch.diagonal(g, dim1=-2, dim2=-1)
     diagonal += DAMPING * diagonal.mean(-1, keepdim=True) + 1e-12
@@ -88,9 +99,9 @@ def search_block_scales(blocks: np.ndarray, gram: torch.Tensor, *, bits: int,
     best_cost = torch.full(w.shape[:2], float("inf"), dtype=torch.float64)
     best_scale = torch.ones(w.shape[:2], dtype=torch.float64)
     best_zero = torch.full(w.shape[:2], float(middle), dtype=torch.float64)
-    for base, zeros in _candidate_grids(w, bits, symmetric):
+    for base, zeros in _candidate_grids(w, bits, symmetric, positive_scales):
         for factor in SCALE_FACTORS:
-            scale = base * factor
+            scale = stored(base * factor)
             for zero in zeros(scale):
                 c = cost(scale, zero)
                 better = c < best_cost
@@ -103,6 +114,7 @@ def search_block_scales(blocks: np.ndarray, gram: torch.Tensor, *, bits: int,
         gc = torch.einsum("nbi,bij->nbj", centred, g)
         denominator = (gc * centred).sum(-1)
         refit = torch.where(denominator > 0, (gc * w).sum(-1) / denominator.clamp(min=1e-300), best_scale)
+        refit = stored(torch.where(refit > 0, refit, best_scale) if positive_scales else refit)
         c = cost(refit, best_zero)
         better = c < best_cost
         best_cost = torch.where(better, c, best_cost)
@@ -115,13 +127,17 @@ def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) 
     return torch.clamp(torch.round(w / safe[..., None]) + zero[..., None], 0, qmax)
 
 
-def _candidate_grids(w: torch.Tensor, bits: int, symmetric: bool):
+def _candidate_grids(w: torch.Tensor, bits: int, symmetric: bool, positive_scales: bool):
     """(base scale, zero points for a scale) pairs around round-to-nearest's choice."""
     qmax = (1 << bits) - 1
     middle = 1 << (bits - 1)
     if symmetric:
         extreme = torch.gather(w, -1, w.abs().argmax(-1, keepdim=True))[..., 0]
         fixed = lambda scale: (torch.full_like(scale, float(middle)),)  # noqa: E731
+        if positive_scales:
+            # quantize.int4_group_levels' rule: a negative extreme on -middle, a positive one on middle - 1.
+            base = torch.where(extreme < 0, extreme / -middle, extreme / (middle - 1))
+            return [(torch.where(base == 0, torch.ones_like(base), base), fixed)]
         # The largest magnitude on -middle (onnx_quant's rule) or on +(middle - 1).
         return [(extreme / -middle, fixed), (extreme / (middle - 1), fixed)]
     lo = w.amin(-1).clamp(max=0)
@@ -160,4 +176,4 @@ def refuse_scale_search(recipe, target: str) -> None:
 
     if recipe.quant.scale_search.method != "none":
         raise UnsupportedError(f"quant.scale_search: the {target} target's quantizer chooses its own scales; "
-                               f"remove [quant.scale_search] (only the onnx target searches them)")
+                               f"remove [quant.scale_search] (the onnx and executorch targets search them)")

@@ -149,11 +149,14 @@ def test_interrupted_export_leaves_nothing(tiny_checkpoints, tmp_path):
 
 SMOOTHING = "\n[quant.smoothing]\nalpha = 0.5\n"
 GROUP_SMOOTHING = "\n[quant.smoothing]\nalpha = 0.5\ngroup_size = 32\n"
+SCALE_SEARCH = '\n[quant.scale_search]\nmethod = "activation"\n'
 
 
-# The int4 case also runs activation smoothing: calibration on the float model, folded
-# weights, and lowering parity against the smoothed, quantized reference.
-@pytest.mark.parametrize("arch,rules,name", [("llama", INT8_RULES, "int8"), ("qwen3", INT4_RULES + SMOOTHING, "int4"),
+# The int4 case also runs activation smoothing (calibration on the float model, folded
+# weights) and searched group scales, with lowering parity against the smoothed, searched,
+# quantized reference that verify rebuilds.
+@pytest.mark.parametrize("arch,rules,name", [("llama", INT8_RULES, "int8"),
+                                             ("qwen3", INT4_RULES + SMOOTHING + SCALE_SEARCH, "int4"),
                                              ("llama", ASYM_INT4_RULES + GROUP_SMOOTHING, "int4-asym")])
 def test_quantized_export_and_parity(tiny_checkpoints, tmp_path, arch, rules, name):
     from exporter.pipeline import export, verify
@@ -182,6 +185,8 @@ def test_quantized_export_and_parity(tiny_checkpoints, tmp_path, arch, rules, na
         assert quant["smoothing"]["calibration_tokens"] > 100
     else:
         assert quant["smoothing"] is None
+    if "scale_search" in rules:  # every quantized Linear (fused ones read their parts' inputs), lm_head included
+        assert quant["scale_search"]["searched_linears"] == 2 * 7 + 1
     report = verify(folder)
     # Random weights amplify quantization noise, so quality is judged on SmolLM2 (make demo)
     # and not gated here; lowering parity must hold: the artifact against the same quantized math.

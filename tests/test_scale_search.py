@@ -58,7 +58,7 @@ def test_recipe_table_is_checked():
         recipe_from_dict({"name": "x", "quant": {"scale_search": {"method": "gptq"}}})
 
 
-@pytest.mark.parametrize("target,backend", [("executorch", "xnnpack"), ("coreml", "mlprogram")])
+@pytest.mark.parametrize("target,backend", [("coreml", "mlprogram")])
 def test_targets_with_their_own_quantizer_refuse_it(target, backend):
     from exporter.backends import get_backend
     from exporter.errors import UnsupportedError
@@ -78,3 +78,20 @@ def test_missing_calibration_file_is_one_line_before_any_work(cli, tiny_checkpoi
     code, _, err = cli("export", recipe, "--model", tiny_checkpoints["qwen3"], "--out", tmp_path / "art")
     assert code == 2 and "quant.scale_search.calibration: " in err and "is not a file" in err
     assert not (tmp_path / "art").exists()
+
+
+def test_executorch_group_levels_search_positive_bfloat16_scales():
+    """XNNPACK stores positive bfloat16 group scales; the search compares what it will hold."""
+    from exporter.quantize import int4_group_levels
+
+    rng = np.random.default_rng(2)
+    weight = torch.from_numpy(rng.normal(size=(48, 128)).astype(np.float32))
+    gram = inputs_and_gram(128, 32)
+    costs = []
+    for g in (None, gram):
+        codes, scales = int4_group_levels(weight, 32, linear=True, gram=g)
+        assert (scales > 0).all() and torch.equal(scales, scales.to(torch.bfloat16).float())
+        assert codes.min() >= -8 and codes.max() <= 7
+        e = (weight - (codes.float().reshape(48, 4, 32) * scales[..., None]).reshape(48, 128)).double().reshape(48, 4, 32)
+        costs.append(torch.einsum("nbi,bij,nbj->nb", e, gram, e).sum().item())
+    assert costs[1] < 0.8 * costs[0]

@@ -32,9 +32,6 @@ class ExecuTorchBackend:
     def validate(self, recipe) -> None:
         if recipe.target.backend != "xnnpack":
             raise UnsupportedError(f"target.backend {recipe.target.backend!r}: the executorch target supports 'xnnpack' only")
-        from exporter.scale_search import refuse_scale_search
-
-        refuse_scale_search(recipe, "executorch")
         if recipe.kv_cache.cache_update == "index_copy":
             # A program whose cache is written with index_copy_ lowers and saves, then aborts the
             # ExecuTorch 1.5.1 runtime on its first call ("toTensor(): EValue is not a Tensor", a
@@ -124,8 +121,9 @@ class ExecuTorchBackend:
         """The program's own cache ops run in eager torch too: the reference is the same math."""
         return recipe.kv_cache.attention, recipe.kv_cache.cache_update
 
-    def quantize(self, lm, spec):
-        """torchao quantization, with group scales rounded to bfloat16 as XNNPACK stores them.
+    def quantize(self, lm, spec, *, grams=None):
+        """torchao quantization, with group scales rounded to bfloat16 as XNNPACK stores them
+        (searched against ``grams`` when given: scale_search.calibrate).
 
         q/k/v and gate/up that share a rule are fused first (one XNNPACK operator each instead
         of three and two; docs/targets/executorch.md). The program computes RoPE from the
@@ -137,7 +135,7 @@ class ExecuTorchBackend:
 
         lm.rope_from_positions()
         fuse_projections(lm, lambda names: len({rule_index(spec.rules, n, "linear") for n in names}) == 1)
-        summary = apply_quantization(lm, spec)
+        summary = apply_quantization(lm, spec, grams)
         round_group_scales(lm, torch.bfloat16)
         return summary
 
