@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -37,6 +37,24 @@ _EMBEDDING_BITS = {"int8_weight": 8, "int4_weight": 4}
 
 def _ort():
     return require("onnxruntime", OnnxBackend.extra)
+
+
+class _QuantJob(NamedTuple):
+    """One module to quantize: its rule and the storage the rule gives it."""
+
+    rule: object  # spec.QuantRule
+    name: str
+    module: object  # nn.Linear or nn.Embedding
+    bits: int
+    accuracy: int
+
+    def stored_alike(self, other: "_QuantJob") -> bool:
+        """Same storage parameters and equal weights: one stored matrix serves both (a tied
+        embedding and lm_head)."""
+        import torch
+
+        return (self.bits, self.rule.group_size, self.rule.symmetric) == (other.bits, other.rule.group_size, other.rule.symmetric) \
+            and self.module.weight.shape == other.module.weight.shape and torch.equal(self.module.weight, other.module.weight)
 
 
 class OnnxBackend:
@@ -85,7 +103,7 @@ class OnnxBackend:
         grams = grams or {}
         summary = plan(lm, spec)
         modules = dict(lm.named_modules())
-        jobs = []  # (rule, name, module, bits, accuracy)
+        jobs: list[_QuantJob] = []
         for index, match in enumerate(summary.rules):
             rule = match.rule
             if rule.scheme == "float":
@@ -97,47 +115,45 @@ class OnnxBackend:
                 if module.weight.shape[1] % rule.group_size:
                     raise RecipeError(f"quant.rules[{index}].group_size: {rule.group_size} does not divide the input width "
                                       f"{module.weight.shape[1]} of {name}; choose a block size that divides it or keep it float")
-                jobs.append((rule, name, module, bits, accuracy))
+                jobs.append(_QuantJob(rule, name, module, bits, accuracy))
         # A tied embedding and lm_head (equal weights, stored alike) are quantized once, with
         # the lm_head's Gram matrix when searching, so they stay one initializer (onnx_graph).
-        groups: list[list] = []  # jobs sharing one stored weight
-        storage = lambda job: (job[3], job[0].group_size, job[0].symmetric, tuple(job[2].weight.shape))  # noqa: E731
+        groups: list[list[_QuantJob]] = []
         for job in jobs:
-            same = (g for g in groups if storage(g[0]) == storage(job) and torch.equal(g[0][2].weight, job[2].weight))
-            group = next(same, None)
+            group = next((g for g in groups if g[0].stored_alike(job)), None)
             if group is None:
                 groups.append([job])
             else:
                 group.append(job)
         for group in groups:
-            rule, _, module, bits, _ = group[0]
-            gram = next((grams[job[1]] for job in group if job[1] in grams), None)
-            stored = quantize_blockwise(module.weight.detach().float().numpy(), bits=bits, block_size=rule.group_size,
-                                        symmetric=rule.symmetric, gram=gram)
+            first = group[0]
+            gram = next((grams[job.name] for job in group if job.name in grams), None)
+            stored = quantize_blockwise(first.module.weight.detach().float().numpy(), bits=first.bits,
+                                        block_size=first.rule.group_size, symmetric=first.rule.symmetric, gram=gram)
             for job in group:
-                setattr(job[2], ONNX_WEIGHT_ATTR, stored)
-        for rule, name, module, bits, accuracy in jobs:
-            module.onnx_accuracy_level = accuracy
-            if accuracy == ACCURACY_INT8:
+                setattr(job.module, ONNX_WEIGHT_ATTR, stored)
+        for job in jobs:
+            job.module.onnx_accuracy_level = job.accuracy
+            if job.accuracy == ACCURACY_INT8:
                 # The kernel quantizes its input per block; the reference does the same.
-                module.register_forward_pre_hook(
-                    lambda _m, args, block=rule.group_size: (fake_quantize_activation(args[0], block),))
+                job.module.register_forward_pre_hook(
+                    lambda _m, args, block=job.rule.group_size: (fake_quantize_activation(args[0], block),))
         with torch.no_grad():
             # After every module is quantized: a tied weight must keep its float value until then.
-            for rule, name, module, bits, accuracy in jobs:
-                module.weight = torch.nn.Parameter(torch.from_numpy(dequantize(getattr(module, ONNX_WEIGHT_ATTR))),
-                                                   requires_grad=False)
+            for job in jobs:
+                job.module.weight = torch.nn.Parameter(torch.from_numpy(dequantize(getattr(job.module, ONNX_WEIGHT_ATTR))),
+                                                       requires_grad=False)
         return summary
 
-    def adopt_artifact_weights(self, lm, artifact) -> int:
+    def adopt_artifact_weights(self, lm, artifact) -> None:
         """Give the quantized reference the artifact's own stored weights (codes, scales, zero
-        points), dequantized; returns how many modules were replaced.
+        points), dequantized.
 
-        verify's lowering parity then compares the graph with exactly the weights it holds.
-        Rebuilding them is not enough once scales are searched: the search compares costs
-        computed from float32 activations, whose last bits depend on the thread count, and a
-        near-tie can fall the other way (measured: 200 of 3.7M SmolLM2 blocks differed
-        between a 2-thread export and a 1-thread rebuild)."""
+        verify's lowering parity then compares the graph with exactly the weights it holds,
+        without searching scales again. A rebuild matches only while the calibration
+        activations match to the last bit: a near-tie between two candidate scales can fall
+        the other way (200 of 3.7M SmolLM2 blocks did, before calibration ran on one thread;
+        another CPU's kernels could still do it)."""
         import torch
         from onnx import load, numpy_helper
 
@@ -148,7 +164,6 @@ class OnnxBackend:
         arrays = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
         shared = artifact.manifest["target"].get("shared_embedding", False)
         rows_done: dict[str, int] = {}  # fused q/k/v: rows of qkv_proj already handed out
-        replaced = 0
         for name, module in lm.named_modules():
             stored = getattr(module, ONNX_WEIGHT_ATTR, None)
             if stored is None:
@@ -172,8 +187,6 @@ class OnnxBackend:
             setattr(module, ONNX_WEIGHT_ATTR, adopted)
             with torch.no_grad():
                 module.weight = torch.nn.Parameter(torch.from_numpy(dequantize(adopted)), requires_grad=False)
-            replaced += 1
-        return replaced
 
     def lower(self, lm, *, recipe, model: dict, metadata: dict, out_dir: Path, on_stage: Callable[[str], None]) -> dict:
         onnx = require("onnx", self.extra)
