@@ -37,41 +37,17 @@ ROWS_PER_CHUNK = 2048
 def input_grams(lm: nn.Module, samples: Sequence[Sequence[int]], block_sizes: dict[str, int]) -> dict[str, torch.Tensor]:
     """Block-diagonal input Gram matrices, [k_blocks, block, block] float64, of the Linears
     named in ``block_sizes`` (name -> block size), over one prefill of each sample."""
-    from exporter.runners import EagerRunner
+    from exporter.smoothing import observe_linear_inputs
 
     grams: dict[str, torch.Tensor] = {}
 
     def add(name: str, x: torch.Tensor) -> None:
         block = block_sizes[name]
-        blocks = x.detach().reshape(-1, x.shape[-1] // block, block).double()
+        blocks = x.reshape(-1, x.shape[-1] // block, block).double()
         gram = torch.einsum("tbi,tbj->bij", blocks, blocks)
         grams[name] = grams[name] + gram if name in grams else gram
 
-    handles = []
-    modules = dict(lm.named_modules())
-    for name in block_sizes:
-        if name == "lm_head":
-            # The decoder runs the lm_head on a call's last position only; its input at every
-            # position is the final norm of the last layer's output.
-            handles.append(lm.model.layers[-1].register_forward_hook(
-                lambda _m, _i, out: add("lm_head", lm.model.norm(out))))
-        else:
-            handles.append(modules[name].register_forward_hook(lambda _m, inputs, _o, name=name: add(name, inputs[0])))
-    runner = EagerRunner(lm)
-    threads = torch.get_num_threads()
-    # One thread: the activations' last bits then do not depend on how the work was split,
-    # so verify's rebuild of the reference picks the same scales as the export did (a
-    # near-tie between two candidates can otherwise fall the other way).
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            for ids in samples:
-                runner.prefill(list(ids))
-    finally:
-        torch.set_num_threads(threads)
-        for handle in handles:
-            handle.remove()
-        lm.reset_caches()
+    observe_linear_inputs(lm, samples, list(block_sizes), add)
     return grams
 
 

@@ -21,7 +21,7 @@ The float reference that quality is judged against stays the unsmoothed model.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -58,40 +58,58 @@ def calibration_samples(lm: nn.Module, tokenizer, texts: Sequence[str]) -> list[
     return [ids for ids in samples if ids]
 
 
+def observe_linear_inputs(lm: nn.Module, samples: Sequence[Sequence[int]], names: Sequence[str],
+                          record: Callable[[str, torch.Tensor], None]) -> None:
+    """One prefill of each sample (token ids, from calibration_samples) through our decoder,
+    passing the input of every Linear in ``names`` to ``record(name, x)``; the KV cache the
+    calibration wrote is cleared afterwards.
+
+    On one thread: the activations' last bits then do not depend on how the work was split,
+    so verify, which rebuilds the reference from the recipe, calibrates to the same values
+    as the export did (searched scales turn a last-bit difference into another scale where
+    two candidates nearly tie: scale_search.py)."""
+    from exporter.runners import EagerRunner
+
+    modules = dict(lm.named_modules())
+    handles = []
+    for name in names:
+        if name == "lm_head":
+            # The decoder runs the lm_head on a call's last position only; its input at every
+            # position is the final norm of the last layer's output.
+            handles.append(lm.model.layers[-1].register_forward_hook(
+                lambda _m, _i, output: record("lm_head", lm.model.norm(output).detach())))
+        else:
+            handles.append(modules[name].register_forward_hook(
+                lambda _m, inputs, _o, name=name: record(name, inputs[0].detach())))
+    runner = EagerRunner(lm)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            for ids in samples:
+                runner.prefill(list(ids))
+    finally:
+        torch.set_num_threads(threads)
+        for handle in handles:
+            handle.remove()
+        lm.reset_caches()
+
+
 def activation_absmax(lm: nn.Module, samples: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
     """Per-input-channel max |x| of every Linear of our float decoder over ``samples``
     (token ids, from calibration_samples).
 
     Run on the decoder itself rather than the transformers model: same values (the decoder
     matches it to 1e-6), and a first transformers forward keeps about one more copy of the
-    weights resident (measured +545 MB on SmolLM2), which would raise the export's peak.
-    The KV cache the calibration wrote is cleared afterwards."""
-    from exporter.runners import EagerRunner
-
+    weights resident (measured +545 MB on SmolLM2), which would raise the export's peak."""
     stats: dict[str, torch.Tensor] = {}
 
-    def record(name):
-        def hook(_module, inputs, _output):
-            x = inputs[0].detach().abs().reshape(-1, inputs[0].shape[-1]).amax(dim=0).float()
-            stats[name] = torch.maximum(stats[name], x) if name in stats else x
-        return hook
+    def record(name: str, x: torch.Tensor) -> None:
+        x = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
+        stats[name] = torch.maximum(stats[name], x) if name in stats else x
 
-    def record_lm_head_input(_module, _inputs, output):
-        # The decoder runs the lm_head on a call's last position only; its input at every
-        # position is the final norm of the last layer's output.
-        record("lm_head")(None, (lm.model.norm(output),), None)
-
-    handles = [m.register_forward_hook(record(name)) for name, m in lm.named_modules()
-               if isinstance(m, nn.Linear) and name != "lm_head"]
-    handles.append(lm.model.layers[-1].register_forward_hook(record_lm_head_input))
-    runner = EagerRunner(lm)
-    try:
-        for ids in samples:
-            runner.prefill(list(ids))
-    finally:
-        for h in handles:
-            h.remove()
-        lm.reset_caches()
+    names = [name for name, m in lm.named_modules() if isinstance(m, nn.Linear) and name != "lm_head"]
+    observe_linear_inputs(lm, samples, names + ["lm_head"], record)
     return stats
 
 
