@@ -147,6 +147,25 @@ def test_interrupted_export_leaves_nothing(tiny_checkpoints, tmp_path):
     assert list((tmp_path / "outdir").iterdir()) == []
 
 
+def test_interrupt_exits_130_when_python_flags_it_unhandled(tmp_path):
+    """An interrupt raised inside code a C extension runs with PyRun_* (torch's import does)
+    leaves CPython's "unhandled KeyboardInterrupt" flag set even when we handle it; run as
+    ``python -m`` (as the console script is), Python then kills itself with SIGINT on exit.
+    The CLI must still exit 130."""
+    (tmp_path / "interrupted_cli.py").write_text(
+        "import ctypes, typer\n"
+        "from exporter.cli import run\n"
+        "app = typer.Typer()\n"
+        "@app.command()\n"
+        "def boom():\n"
+        "    run(lambda: ctypes.pythonapi.PyRun_String(b'raise KeyboardInterrupt', 257,"
+        " ctypes.py_object({}), ctypes.py_object({})))\n"
+        "app()\n", encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "interrupted_cli"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert "interrupted" in proc.stderr
+
+
 SMOOTHING = "\n[quant.smoothing]\nalpha = 0.5\n"
 GROUP_SMOOTHING = "\n[quant.smoothing]\nalpha = 0.5\ngroup_size = 32\n"
 SCALE_SEARCH = '\n[quant.scale_search]\nmethod = "activation"\n'
