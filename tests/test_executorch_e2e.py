@@ -150,8 +150,8 @@ def test_interrupted_export_leaves_nothing(tiny_checkpoints, tmp_path):
 def test_interrupt_exits_130_when_python_flags_it_unhandled(tmp_path):
     """An interrupt raised inside code a C extension runs with PyRun_* (torch's import does)
     leaves CPython's "unhandled KeyboardInterrupt" flag set even when we handle it; run as
-    ``python -m`` (as the console script is), Python then kills itself with SIGINT on exit.
-    The CLI must still exit 130."""
+    ``python -m exporter.cli`` (as the interrupt test above does), Python then kills itself
+    with SIGINT on exit. The CLI must still exit 130."""
     (tmp_path / "interrupted_cli.py").write_text(
         "import ctypes, typer\n"
         "from exporter.cli import run\n"
