@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 
 PROMPT_LEN = 64
+# The fixed prompt every program is prefilled with (token ids inside any test vocabulary).
+PROMPT_IDS = [100 + i % 1000 for i in range(1, PROMPT_LEN + 1)]
 
 
 def main() -> None:
@@ -108,7 +110,7 @@ class PteStepper:
         _unsafe_reset_threadpool(args.threads)
         self.steps = args.steps
         self.method = import_runtime().Runtime.get().load_program(program).load_method("forward")
-        prompt = torch.arange(1, PROMPT_LEN + 1, dtype=torch.long).reshape(1, -1) % 1000 + 100
+        prompt = torch.tensor([PROMPT_IDS], dtype=torch.long)
         self.token = torch.tensor([[42]], dtype=torch.long)
         self.positions = [torch.tensor([PROMPT_LEN + i], dtype=torch.long) for i in range(args.steps)]
         self.method.execute([prompt, torch.tensor([0], dtype=torch.long)])  # also warms XNNPACK's weight packing
@@ -131,14 +133,13 @@ class GenaiStepper:
         from exporter.backends.onnx import GenaiSession
 
         self.og, self.model, self.steps = onnxruntime_genai, GenaiSession(folder, threads=args.threads).model, args.steps
-        self.prompt = [100 + i % 1000 for i in range(1, PROMPT_LEN + 1)]
 
     def block(self) -> tuple[float, float]:
         params = self.og.GeneratorParams(self.model)
         length = PROMPT_LEN + self.steps + 1
         params.set_search_options(max_length=length, min_length=length, do_sample=False)
         generator = self.og.Generator(self.model, params)
-        generator.append_tokens(self.prompt)
+        generator.append_tokens(PROMPT_IDS)
         generator.generate_next_token()  # the first token comes from the prefill's logits
         cpu0, wall0 = time.process_time(), time.perf_counter()
         for _ in range(self.steps):
