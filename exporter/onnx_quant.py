@@ -59,19 +59,19 @@ def quantize_blockwise(weight: np.ndarray, *, bits: int, block_size: int, symmet
         from exporter.scale_search import search_block_scales
 
         scales, zero = search_block_scales(blocks, gram, bits=bits, symmetric=symmetric)
-    elif symmetric:
-        middle = 1 << (bits - 1)  # 8 or 128
-        # The value of largest magnitude maps to -middle exactly (as llama.cpp's Q4_0 does):
-        # one more level of resolution than absmax / (middle - 1), nothing clipped.
-        idx = np.abs(blocks).argmax(axis=-1)[..., None]
-        extreme = np.take_along_axis(blocks, idx, axis=-1)[..., 0]
-        scales = (extreme / -middle).astype(np.float32)
-        zero = np.full(scales.shape, middle, dtype=np.float32)
     else:
-        lo = np.minimum(blocks.min(axis=-1), 0.0)
-        hi = np.maximum(blocks.max(axis=-1), 0.0)
-        scales = ((hi - lo) / qmax).astype(np.float32)
-        zero = np.clip(np.round(-lo / np.where(scales == 0, 1, scales)), 0, qmax)
+        import torch
+
+        from exporter.int_grids import asymmetric_range, exact_zero_point, symmetric_scales
+
+        as_blocks = torch.from_numpy(blocks)
+        if symmetric:
+            scales = symmetric_scales(as_blocks, bits, positive=False).numpy()
+            zero = np.full(scales.shape, 1 << (bits - 1), dtype=np.float32)  # 8 or 128
+        else:
+            scales_t, low = asymmetric_range(as_blocks, bits)
+            scales = scales_t.numpy()
+            zero = np.clip(np.round(exact_zero_point(low, scales_t).numpy()), 0, qmax)
     safe = np.where(scales == 0, 1, scales)[..., None]
     q = np.clip(np.round(blocks / safe) + zero[..., None], 0, qmax).astype(np.uint8)
     return BlockQuantized(

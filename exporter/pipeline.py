@@ -212,7 +212,9 @@ def recipe_of(artifact) -> ExportRecipe:
 
 # Relative scale applied to the embedding output for the lowering noise floor: about one
 # float32 ulp, the size of the rounding differences between two correct implementations.
-NOISE_FLOOR_PERTURBATION = 1e-7
+# The reference's embedding output scaled by (1 + each): one to two float32 ulps either way.
+# Three draws, and the floor is their median (parity.noise_floor says why).
+NOISE_FLOOR_PERTURBATIONS = (1e-7, -1e-7, 2e-7)
 
 
 def verify(folder: Path, *, model: str | None = None, progress: Progress = _quiet) -> dict:
@@ -259,13 +261,14 @@ def verify(folder: Path, *, model: str | None = None, progress: Progress = _quie
     # Run-time activation quantization makes the reference sensitive to last-bit rounding:
     # measure that noise floor so the lowering gates can be judged against it.
     dynamic = any(rule.quantizes_activations for rule in recipe.quant.rules)
-    noise = PerturbedRunner(lm, NOISE_FLOOR_PERTURBATION) if dynamic and recipe.parity.lowering_noise_floor_factor > 0 else None
+    noise = [PerturbedRunner(lm, relative, name=f"perturbed eager x (1 {relative:+g})") for relative in NOISE_FLOOR_PERTURBATIONS] \
+        if dynamic and recipe.parity.lowering_noise_floor_factor > 0 else []
     with Stage("parity", backend.name, timings, progress):
         report = check_parity(
             candidate=candidate, quantized_reference=EagerRunner(lm, name="quantized eager (torch)"),
             float_reference=TransformersRunner(loaded.model, name="float (transformers)"),
             prompts=prompts, heldout=heldout, tokenizer_report=tok_report, spec=recipe.parity,
-            eos_ids=set(meta["eos_ids"]), on_step=progress, noise_reference=noise,
+            eos_ids=set(meta["eos_ids"]), on_step=progress, noise_references=noise,
         ).to_dict()
     report["compared"].update(device="host", runtime=backend.runtime_name(),
                               environment=art.environment(), artifact=artifact.manifest["name"])

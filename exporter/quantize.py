@@ -193,9 +193,9 @@ def int4_group_levels(weight, group_size: int, *, linear: bool, gram=None):
                                        scale_dtype=torch.bfloat16 if linear else None)
         scales = torch.from_numpy(found)[..., None]
     else:
-        extreme = torch.gather(groups, -1, groups.abs().argmax(dim=-1, keepdim=True))
-        scales = torch.where(extreme < 0, extreme / -8.0, extreme / 7.0)
-        scales = torch.where(scales == 0, torch.ones_like(scales), scales)  # an all-zero group
+        from exporter.int_grids import symmetric_scales
+
+        scales = symmetric_scales(groups, 4, positive=True)[..., None]
     if linear:
         scales = scales.to(torch.bfloat16).float()
     codes = torch.clamp(torch.round(groups / scales), -8, 7).to(torch.int8)

@@ -112,25 +112,24 @@ def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) 
 
 
 def _candidate_grids(w: torch.Tensor, bits: int, symmetric: bool, positive_scales: bool):
-    """(base scale, zero points for a scale) pairs around round-to-nearest's choice."""
+    """(base scale, zero points for a scale) pairs: round-to-nearest's own rules (int_grids),
+    the same functions the quantizers store without a search."""
+    from exporter.int_grids import asymmetric_range, block_extreme, exact_zero_point, symmetric_scales
+
     qmax = (1 << bits) - 1
     middle = 1 << (bits - 1)
     if symmetric:
-        extreme = torch.gather(w, -1, w.abs().argmax(-1, keepdim=True))[..., 0]
         fixed = lambda scale: (torch.full_like(scale, float(middle)),)  # noqa: E731
         if positive_scales:
-            # quantize.int4_group_levels' rule: a negative extreme on -middle, a positive one on middle - 1.
-            base = torch.where(extreme < 0, extreme / -middle, extreme / (middle - 1))
-            return [(torch.where(base == 0, torch.ones_like(base), base), fixed)]
-        # The largest magnitude on -middle (onnx_quant's rule) or on +(middle - 1).
-        return [(extreme / -middle, fixed), (extreme / (middle - 1), fixed)]
-    lo = w.amin(-1).clamp(max=0)
-    hi = w.amax(-1).clamp(min=0)
+            return [(symmetric_scales(w, bits, positive=True), fixed)]
+        # onnx_quant's rule (the extreme on -middle), and the extreme on +(middle - 1).
+        return [(symmetric_scales(w, bits, positive=False), fixed), (block_extreme(w) / (middle - 1), fixed)]
+    base, low = asymmetric_range(w, bits)
 
     def nearest_zeros(scale):
-        exact = -lo / torch.where(scale == 0, torch.ones_like(scale), scale)
+        exact = exact_zero_point(low, scale)
         return (torch.floor(exact).clamp(0, qmax), torch.ceil(exact).clamp(0, qmax))
-    return [((hi - lo) / qmax, nearest_zeros)]
+    return [(base, nearest_zeros)]
 
 
 def calibrate(lm: nn.Module, tokenizer, quant) -> tuple[dict[str, torch.Tensor], dict]:

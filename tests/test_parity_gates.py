@@ -7,7 +7,7 @@ import numpy as np
 from exporter.decoder import build_decoder
 from exporter.kv_cache import load_custom_ops
 from exporter.load import load_model
-from exporter.parity import gate_failures, lowering_limits, teacher_forced_logits
+from exporter.parity import gate_failures, lowering_limits, noise_floor, teacher_forced_logits
 from exporter.quantize import apply_quantization, materialize_for_eager
 from exporter.runners import EagerRunner, PerturbedRunner
 from exporter.spec import ParitySpec, QuantRule, QuantSpec
@@ -62,3 +62,16 @@ def test_perturbation_moves_float_models_by_rounding_only(tiny_checkpoints):
         moved[name] = float(np.abs(nudged - base).max())
     # Measured: float 1.9e-4 (the nudge itself, passed through), 8da8w 3.0e-2.
     assert moved["8da8w"] > 10 * moved["float"], moved
+
+
+def test_the_floor_is_each_metrics_median_over_its_draws():
+    # One draw far from the others (a perturbation that happened to flip many codes) moves
+    # the floor no more than the middle draw allows.
+    draws = [{"max_abs_diff": 1.1, "cosine_min": 0.9975, "top1_agreement": 0.992},
+             {"max_abs_diff": 2.9, "cosine_min": 0.9929, "top1_agreement": 0.970},
+             {"max_abs_diff": 1.4, "cosine_min": 0.9951, "top1_agreement": 0.985}]
+    floor = noise_floor(draws, [1e-7, -1e-7, 2e-7], 2.0)
+    assert (floor["max_abs_diff"], floor["cosine_min"], floor["top1_agreement"]) == (1.4, 0.9951, 0.985)
+    assert floor["samples"] == draws and floor["perturbations"] == [1e-7, -1e-7, 2e-7]
+    limits = lowering_limits(ParitySpec(), {"noise_floor": floor})[:3]
+    assert np.allclose(limits, (2.8, 0.9902, 0.97))
