@@ -65,6 +65,12 @@ class GraphWriter:
         return self._constants[key]
 
 
+# A projection stored inside a fused one (one MatMulNBits over their shared input), rows in
+# this order: the name of the fused initializers beside it.
+FUSED_INTO = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+              "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+
 def weight_of(module):
     """The module's stored weight: BlockQuantized, or the float32 array."""
     stored = getattr(module, ONNX_WEIGHT_ATTR, None)
@@ -103,7 +109,8 @@ def _bias(module) -> np.ndarray | None:
 
 
 def _fusable(modules) -> bool:
-    """q/k/v become one MatMul when stored alike (all float, or all quantized the same way)."""
+    """Projections of one input (q/k/v, gate/up) become one MatMul when stored alike (all
+    float, or all quantized the same way)."""
     weights = [weight_of(m) for m in modules]
     if all(isinstance(w, np.ndarray) for w in weights):
         kinds = {"float"}
@@ -112,6 +119,10 @@ def _fusable(modules) -> bool:
     else:
         return False
     return len(kinds) == 1 and len({accuracy_of(m) for m in modules}) == 1 and len({m.bias is None for m in modules}) == 1
+
+
+def _stacked_bias(modules) -> np.ndarray | None:
+    return None if modules[0].bias is None else np.concatenate([_bias(m) for m in modules])
 
 
 def _concat_rows(weights):
@@ -165,9 +176,8 @@ def build_graph(lm, *, opset: int):
         attn = layer.self_attn
         projections = (attn.q_proj, attn.k_proj, attn.v_proj)
         if not s.qk_norm and _fusable(projections):
-            qkv_bias = None if attn.q_proj.bias is None else np.concatenate([_bias(m) for m in projections])
             qkv = linear(g, x, f"{prefix}.self_attn.qkv_proj", _concat_rows([weight_of(m) for m in projections]),
-                         qkv_bias, accuracy_of(attn.q_proj))
+                         _stacked_bias(projections), accuracy_of(attn.q_proj))
             q, k, v = qkv, "", ""
         else:
             q, k, v = (project(g, x, f"{prefix}.self_attn.{n}_proj", m) for n, m in zip("qkv", projections))
@@ -185,8 +195,16 @@ def build_graph(lm, *, opset: int):
         o = project(g, attn_out, f"{prefix}.self_attn.o_proj", attn.o_proj)
         x, residual = _norm(g, residual, o, layer.post_attention_layernorm, f"{prefix}.post_attention_layernorm", eps)
         mlp = layer.mlp
-        gate = project(g, x, f"{prefix}.mlp.gate_proj", mlp.gate_proj)
-        up = project(g, x, f"{prefix}.mlp.up_proj", mlp.up_proj)
+        if _fusable((mlp.gate_proj, mlp.up_proj)):
+            # One MatMulNBits for both: one input quantization and one kernel call instead of
+            # two, split after (docs/targets/onnx.md, "Fused projections").
+            gate_up = linear(g, x, f"{prefix}.mlp.gate_up_proj", _concat_rows([weight_of(mlp.gate_proj), weight_of(mlp.up_proj)]),
+                             _stacked_bias((mlp.gate_proj, mlp.up_proj)), accuracy_of(mlp.gate_proj))
+            width = mlp.gate_proj.weight.shape[0]
+            gate, up = g.node("Split", [gate_up, g.ints([width, width])], f"/{prefix}/mlp/Split", n_out=2, axis=-1)
+        else:
+            gate = project(g, x, f"{prefix}.mlp.gate_proj", mlp.gate_proj)
+            up = project(g, x, f"{prefix}.mlp.up_proj", mlp.up_proj)
         (sig,) = g.node("Sigmoid", [gate], f"/{prefix}/mlp/Sigmoid")
         (silu,) = g.node("Mul", [gate, sig], f"/{prefix}/mlp/SiLU")
         (act,) = g.node("Mul", [silu, up], f"/{prefix}/mlp/Mul")

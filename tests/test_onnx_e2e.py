@@ -161,8 +161,11 @@ def test_dynamic_activation_scheme_against_emulated_reference(tiny_checkpoints, 
                          rules("int8_dynact_int4_weight", "int4_weight", 32) + gates)
     import onnx
 
-    levels = {a.i for n in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node
-              if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    nodes = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node
+    levels = {a.i for n in nodes if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
     assert levels == {4}
+    # gate/up read the same input: one MatMulNBits per layer, split after (q/k/v stay apart: Qwen3 norms q and k).
+    assert [n.name for n in nodes if "mlp.gate" in n.name or "mlp.up" in n.name] == \
+        [f"/model.layers.{i}.mlp.gate_up_proj/MatMulNBits" for i in range(2)]
     report = verify(folder)
     assert report["passed"], report["failures"]

@@ -157,13 +157,13 @@ class OnnxBackend:
         import torch
         from onnx import load, numpy_helper
 
-        from exporter.onnx_graph import ONNX_WEIGHT_ATTR
+        from exporter.onnx_graph import FUSED_INTO, ONNX_WEIGHT_ATTR
         from exporter.onnx_quant import dequantize
 
         graph = load(str(artifact.path / artifact.manifest["roles"]["program"])).graph
         arrays = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
         shared = artifact.manifest["target"].get("shared_embedding", False)
-        rows_done: dict[str, int] = {}  # fused q/k/v: rows of qkv_proj already handed out
+        rows_done: dict[str, int] = {}  # fused projections: rows of qkv_proj / gate_up_proj already handed out
         for name, module in lm.named_modules():
             stored = getattr(module, ONNX_WEIGHT_ATTR, None)
             if stored is None:
@@ -171,8 +171,9 @@ class OnnxBackend:
             source, first = name, 0
             if name == "model.embed_tokens":
                 source = "lm_head" if shared else name
-            elif f"{name}.weight_scales" not in arrays and name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj"):
-                source = name.rsplit(".", 1)[0] + ".qkv_proj"
+            elif f"{name}.weight_scales" not in arrays and name.rsplit(".", 1)[-1] in FUSED_INTO:
+                # Stored inside its fused projection (onnx_graph), rows in module order.
+                source = name.rsplit(".", 1)[0] + "." + FUSED_INTO[name.rsplit(".", 1)[-1]]
                 first = rows_done.get(source, 0)
                 rows_done[source] = first + stored.shape[0]
             n, k_blocks = stored.shape[0], stored.k_blocks
