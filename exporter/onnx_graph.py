@@ -137,9 +137,10 @@ def _concat_rows(weights):
     )
 
 
-def build_graph(lm, *, opset: int):
+def build_graph(lm, *, opset: int, fuse_projections: bool = True):
     """The ONNX ModelProto of a StaticCacheLM (quantized by the onnx backend or float), and
-    facts about it for the manifest."""
+    facts about it for the manifest. ``fuse_projections``: q/k/v and gate/up stored alike run
+    as one MatMul(NBits) each."""
     from onnx import TensorProto, helper
 
     s = lm.shape
@@ -175,7 +176,7 @@ def build_graph(lm, *, opset: int):
         x, residual = _norm(g, residual, pending, layer.input_layernorm, f"{prefix}.input_layernorm", eps)
         attn = layer.self_attn
         projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-        if not s.qk_norm and _fusable(projections):
+        if fuse_projections and not s.qk_norm and _fusable(projections):
             qkv = linear(g, x, f"{prefix}.self_attn.qkv_proj", _concat_rows([weight_of(m) for m in projections]),
                          _stacked_bias(projections), accuracy_of(attn.q_proj))
             q, k, v = qkv, "", ""
@@ -195,7 +196,7 @@ def build_graph(lm, *, opset: int):
         o = project(g, attn_out, f"{prefix}.self_attn.o_proj", attn.o_proj)
         x, residual = _norm(g, residual, o, layer.post_attention_layernorm, f"{prefix}.post_attention_layernorm", eps)
         mlp = layer.mlp
-        if _fusable((mlp.gate_proj, mlp.up_proj)):
+        if fuse_projections and _fusable((mlp.gate_proj, mlp.up_proj)):
             # One MatMulNBits for both: one input quantization and one kernel call instead of
             # two, split after (docs/targets/onnx.md, "Fused projections").
             gate_up = linear(g, x, f"{prefix}.mlp.gate_up_proj", _concat_rows([weight_of(mlp.gate_proj), weight_of(mlp.up_proj)]),

@@ -109,10 +109,10 @@ def quantize_decoder(lm, tokenizer, recipe: ExportRecipe, backend):
 
         # On the smoothed weights' inputs: those are what the quantized layers will see.
         grams, scale_search = calibrate(lm, tokenizer, recipe.quant)
-        summary = backend.quantize(lm, recipe.quant, grams=grams)  # only backends that search accept it
+        summary = backend.quantize(lm, recipe.quant, recipe.target, grams=grams)  # only backends that search accept it
         summary.scale_search = scale_search
     else:
-        summary = backend.quantize(lm, recipe.quant)
+        summary = backend.quantize(lm, recipe.quant, recipe.target)
     summary.smoothing = smoothing
     return summary
 

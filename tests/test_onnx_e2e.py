@@ -91,6 +91,23 @@ def test_quantized_lowering_parity_is_tight(tiny_checkpoints, tmp_path, arch, li
     assert report["quality"]["kl_mean"] > 1e-6  # it really is quantized
 
 
+def test_projections_stay_apart_when_the_recipe_says_so(tiny_checkpoints, tmp_path):
+    import onnx
+
+    from exporter.pipeline import verify
+
+    extra = "[target.onnx]\nfuse_projections = false\n" + rules("int4_weight", "int4_weight", 32) + TIGHT + \
+        "quality_top1_min = 0.0\nquality_kl_mean_max = 100.0\n"
+    folder = export_onnx(tmp_path, tiny_checkpoints["llama"], "tiny-llama-onnx-unfused", extra)
+    names = [n.name for n in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node
+             if n.op_type == "MatMulNBits" and "layers.0." in n.name]
+    assert names == [f"/model.layers.0.{p}/MatMulNBits" for p in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    report = verify(folder)  # the reference finds every part's own initializers
+    assert report["passed"], report["failures"]
+
+
 def test_int4_folder_is_smaller_than_fp32(onnx_fp32, tiny_checkpoints, tmp_path):
     folder = export_onnx(tmp_path, tiny_checkpoints["qwen3"], "tiny-qwen3-onnx-int4", rules("int4_weight", "int4_weight", 32))
     size = lambda f: (f / "model.onnx.data").stat().st_size  # noqa: E731

@@ -8,7 +8,7 @@ from exporter.decoder import build_decoder
 from exporter.errors import RecipeError
 from exporter.load import load_model
 from exporter.quantize import apply_quantization, plan
-from exporter.spec import QuantRule, QuantSpec
+from exporter.spec import ExecuTorchOptions, QuantRule, QuantSpec, TargetSpec
 
 
 @pytest.fixture
@@ -158,7 +158,7 @@ def test_executorch_fuses_only_projections_that_share_a_rule(lm):
         QuantRule(match="model.layers.0.self_attn.v_proj", kind="linear", scheme="int8_dynact_int8_weight"),
         QuantRule(match="model.layers.*", kind="linear", scheme="int8_dynact_int4_weight", group_size=32),
     ))
-    summary = ExecuTorchBackend().quantize(lm, spec).to_dict()
+    summary = ExecuTorchBackend().quantize(lm, spec, TargetSpec()).to_dict()
     layer0, layer1 = lm.model.layers[0], lm.model.layers[1]
     assert layer0.self_attn.qkv_proj is None and hasattr(layer0.self_attn, "v_proj")
     assert layer1.self_attn.qkv_proj is not None and layer0.mlp.gate_up_proj is not None
@@ -169,3 +169,14 @@ def test_executorch_fuses_only_projections_that_share_a_rule(lm):
     assert "model.layers.0.self_attn.qkv_proj" not in summary["fused"]
     # Quantization is per output row, so the fused weight is the parts' weights stacked.
     assert type(layer1.self_attn.qkv_proj.weight).__name__ == "IntxUnpackedToInt8Tensor"
+
+
+def test_executorch_keeps_projections_apart_when_the_recipe_says_so(lm):
+    from exporter.backends.executorch import ExecuTorchBackend
+
+    spec = QuantSpec(rules=(QuantRule(match="model.layers.*", kind="linear", scheme="int8_dynact_int4_weight", group_size=32),))
+    target = TargetSpec(executorch=ExecuTorchOptions(fuse_projections=False))
+    summary = ExecuTorchBackend().quantize(lm, spec, target).to_dict()
+    assert summary["fused"] == {}
+    assert all(layer.self_attn.qkv_proj is None and layer.mlp.gate_up_proj is None for layer in lm.model.layers)
+    assert "model.layers.1.mlp.up_proj" in summary["rules"][0]["modules"]

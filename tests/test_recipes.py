@@ -93,6 +93,9 @@ def test_target_options_belong_to_their_target():
         recipe_from_dict({"name": "x", "target": {"coreml": {"compute_units": "all"}}})
     with pytest.raises(RecipeError, match=r"target\.coreml\.compute_units: 'gpu' is not one of"):
         recipe_from_dict({"name": "x", "target": {"name": "coreml", "coreml": {"compute_units": "gpu"}}})
+    with pytest.raises(RecipeError, match=r"target\.executorch: options of the executorch target, but target\.name is 'onnx'"):
+        recipe_from_dict({"name": "x", "target": {"name": "onnx", "executorch": {"fuse_projections": False}}})
+    assert not recipe_from_dict({"name": "x", "target": {"executorch": {"fuse_projections": False}}}).target.executorch.fuse_projections
 
 
 def test_executorch_refuses_weight_only_linear_and_asymmetric():

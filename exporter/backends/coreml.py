@@ -114,7 +114,7 @@ class CoreMLBackend:
         """Plain torch attention over the whole cache, with the mask the program computes."""
         return "sdpa", "index_copy"
 
-    def quantize(self, lm, spec) -> QuantSummary:
+    def quantize(self, lm, spec, target) -> QuantSummary:
         """fp16-round every weight and compress matched modules exactly as the package stores them."""
         from exporter.backends.coreml_compress import quantize_for_coreml
 

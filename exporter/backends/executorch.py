@@ -121,12 +121,13 @@ class ExecuTorchBackend:
         """The program's own cache ops run in eager torch too: the reference is the same math."""
         return recipe.kv_cache.attention, recipe.kv_cache.cache_update
 
-    def quantize(self, lm, spec, *, grams=None):
+    def quantize(self, lm, spec, target, *, grams=None):
         """torchao quantization, with group scales rounded to bfloat16 as XNNPACK stores them
         (searched against ``grams`` when given: scale_search.calibrate).
 
-        q/k/v and gate/up that share a rule are fused first (one XNNPACK operator each instead
-        of three and two; docs/targets/executorch.md). The program computes RoPE from the
+        q/k/v and gate/up that share a rule are fused first unless
+        ``target.executorch.fuse_projections`` is off (one XNNPACK operator each instead of
+        three and two; docs/targets/executorch.md). The program computes RoPE from the
         positions rather than storing tables, so the reference does too."""
         import torch
 
@@ -134,7 +135,8 @@ class ExecuTorchBackend:
         from exporter.quantize import apply_quantization, round_group_scales, rule_index
 
         lm.rope_from_positions()
-        fuse_projections(lm, lambda names: len({rule_index(spec.rules, n, "linear") for n in names}) == 1)
+        if target.executorch.fuse_projections:
+            fuse_projections(lm, lambda names: len({rule_index(spec.rules, n, "linear") for n in names}) == 1)
         summary = apply_quantization(lm, spec, grams)
         round_group_scales(lm, torch.bfloat16)
         return summary

@@ -88,7 +88,7 @@ class OnnxBackend:
         # The graph's attention is GroupQueryAttention; the reference only needs the same math.
         return "sdpa", "index_copy"
 
-    def quantize(self, lm, spec, *, grams=None):
+    def quantize(self, lm, spec, target, *, grams=None):
         """Quantize matched modules in ONNX Runtime's block layout; the eager weights become the
         dequantized values, so ``lm`` computes exactly what the graph will.
 
@@ -197,7 +197,7 @@ class OnnxBackend:
         timings = {}
         t0 = time.perf_counter()
         on_stage("build ONNX graph")
-        graph, facts = build_graph(lm, opset=opset)
+        graph, facts = build_graph(lm, opset=opset, fuse_projections=recipe.target.onnx.fuse_projections)
         timings["graph_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         on_stage("save model.onnx + model.onnx.data")
