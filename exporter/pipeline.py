@@ -210,10 +210,9 @@ def recipe_of(artifact) -> ExportRecipe:
     return recipe_from_dict(artifact.manifest["recipe"])
 
 
-# Relative scale applied to the embedding output for the lowering noise floor: about one
-# float32 ulp, the size of the rounding differences between two correct implementations.
-# The reference's embedding output scaled by (1 + each): one to two float32 ulps either way.
-# Three draws, and the floor is their median (parity.noise_floor says why).
+# The lowering noise floor scales the reference's embedding output by (1 + each): one to two
+# float32 ulps either way, the size of the rounding differences between two correct
+# implementations. Three draws, and the floor is their median (parity.noise_floor says why).
 NOISE_FLOOR_PERTURBATIONS = (1e-7, -1e-7, 2e-7)
 
 

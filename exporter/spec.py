@@ -236,9 +236,9 @@ class ParitySpec:
     lowering_top1_min: float = 1.0
     # With run-time activation quantization (int8_dynact_*), verify also measures how far the
     # reference moves from itself when its embedding output is scaled by (1 + 1e-7), and by
-    # two more such nudges: the median is its noise floor. The lowering gates then allow
-    # this many times that floor's deviation when
-    # it is larger than the thresholds above (docs/parity.md). 0 turns it off.
+    # two more such nudges: the median is its noise floor. The lowering gates then allow this
+    # many times that floor's deviation when it is larger than the thresholds above
+    # (docs/parity.md). 0 turns it off.
     lowering_noise_floor_factor: float = 2.0
     # Quantization quality: artifact vs the float model.
     quality_top1_min: float = 0.98

@@ -115,7 +115,8 @@ class CoreMLBackend:
         return "sdpa", "index_copy"
 
     def quantize(self, lm, spec, target) -> QuantSummary:
-        """fp16-round every weight and compress matched modules exactly as the package stores them."""
+        """fp16-round every weight and compress matched modules exactly as the package stores
+        them (``target``: nothing here depends on it)."""
         from exporter.backends.coreml_compress import quantize_for_coreml
 
         summary = quantize_for_coreml(lm, spec)

@@ -93,7 +93,8 @@ class OnnxBackend:
         dequantized values, so ``lm`` computes exactly what the graph will.
 
         ``grams``: input Gram matrices by Linear name (scale_search.calibrate); given, each
-        block's scale is searched against them instead of taken from its min/max."""
+        block's scale is searched against them instead of taken from its min/max. ``target``
+        is not needed here: projections are fused when the graph is written (onnx_graph)."""
         import torch
 
         from exporter.onnx_graph import ACCURACY_INT8, ONNX_WEIGHT_ATTR
