@@ -94,6 +94,13 @@ def main() -> None:
     print(f"wrote {args.out}")
 
 
+def per_step_ms(decode_block, steps: int) -> tuple[float, float]:
+    """Wall and CPU milliseconds per decode step of ``decode_block()``, which runs ``steps`` steps."""
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    decode_block()
+    return (time.perf_counter() - wall0) / steps * 1e3, (time.process_time() - cpu0) / steps * 1e3
+
+
 def make_stepper(path: Path, args):
     return GenaiStepper(path, args) if path.is_dir() else PteStepper(path, args)
 
@@ -116,11 +123,7 @@ class PteStepper:
         self.method.execute([prompt, torch.tensor([0], dtype=torch.long)])  # also warms XNNPACK's weight packing
 
     def block(self) -> tuple[float, float]:
-        """Wall and CPU milliseconds per decode step, over one block."""
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        for pos in self.positions:
-            self.method.execute([self.token, pos])
-        return (time.perf_counter() - wall0) / self.steps * 1e3, (time.process_time() - cpu0) / self.steps * 1e3
+        return per_step_ms(lambda: [self.method.execute([self.token, pos]) for pos in self.positions], self.steps)
 
 
 class GenaiStepper:
@@ -141,10 +144,7 @@ class GenaiStepper:
         generator = self.og.Generator(self.model, params)
         generator.append_tokens(PROMPT_IDS)
         generator.generate_next_token()  # the first token comes from the prefill's logits
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        for _ in range(self.steps):
-            generator.generate_next_token()
-        return (time.perf_counter() - wall0) / self.steps * 1e3, (time.process_time() - cpu0) / self.steps * 1e3
+        return per_step_ms(lambda: [generator.generate_next_token() for _ in range(self.steps)], self.steps)
 
 
 if __name__ == "__main__":

@@ -170,11 +170,12 @@ class OnnxBackend:
             if stored is None:
                 continue
             source, first = name, 0
+            parent, _, leaf = name.rpartition(".")
             if name == "model.embed_tokens":
                 source = "lm_head" if shared else name
-            elif f"{name}.weight_scales" not in arrays and name.rsplit(".", 1)[-1] in FUSED_INTO:
+            elif f"{name}.weight_scales" not in arrays and leaf in FUSED_INTO:
                 # Stored inside its fused projection (onnx_graph), rows in module order.
-                source = name.rsplit(".", 1)[0] + "." + FUSED_INTO[name.rsplit(".", 1)[-1]]
+                source = f"{parent}.{FUSED_INTO[leaf]}"
                 first = rows_done.get(source, 0)
                 rows_done[source] = first + stored.shape[0]
             n, k_blocks = stored.shape[0], stored.k_blocks
