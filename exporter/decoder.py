@@ -203,6 +203,13 @@ class StaticCacheLM(nn.Module):
         return emb.cos() * self.rope_attention_scaling, emb.sin() * self.rope_attention_scaling
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        # Only the last position's logits: the runner samples from it, parity compares it.
+        x = self.hidden_states(tokens, input_pos)
+        return self.lm_head(self.model.norm(x[:, -1, :]))
+
+    def hidden_states(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """The last layer's output at every position of ``tokens`` (before the final norm),
+        written into the KV cache from ``input_pos``."""
         seq_len = tokens.shape[1]
         start_pos = input_pos[0].item()
         # Tell torch.export the bounds it cannot infer from a data-dependent position.
@@ -217,9 +224,7 @@ class StaticCacheLM(nn.Module):
         x = self.model.embed_tokens(tokens)
         for layer in self.model.layers:
             x = layer(x, start_pos, cos, sin)
-        # Only the last position's logits: the runner samples from it, parity compares it.
-        x = self.model.norm(x[:, -1, :])
-        return self.lm_head(x)
+        return x
 
 
 class SplitLMHead(nn.Module):

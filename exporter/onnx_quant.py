@@ -84,13 +84,19 @@ def quantize_blockwise(weight: np.ndarray, *, bits: int, block_size: int, symmet
 def dequantize(bq: BlockQuantized) -> np.ndarray:
     """The float32 [N, K] weight the runtime computes with."""
     n, k = bq.shape
-    q = _unpack(bq.packed, bq.bits, bq.block_size).astype(np.float32)
-    if bq.zero_points is None:
-        zero = np.full(bq.scales.shape, 1 << (bq.bits - 1), dtype=np.float32)
-    else:
-        zero = _unpack(bq.zero_points, bq.bits, bq.k_blocks).astype(np.float32)
-    w = (q - zero[..., None]) * bq.scales[..., None]
+    w = centred_codes(bq).astype(np.float32) * bq.scales[..., None]
     return w.reshape(n, -1)[:, :k]
+
+
+def centred_codes(bq: BlockQuantized) -> np.ndarray:
+    """Stored values minus their zero point, int16 [N, k_blocks, block_size] (8-bit codes
+    less their zero point span -255..255): what each block's scale multiplies."""
+    q = _unpack(bq.packed, bq.bits, bq.block_size).astype(np.int16)
+    if bq.zero_points is None:
+        zero = np.full(bq.scales.shape, 1 << (bq.bits - 1), dtype=np.int16)
+    else:
+        zero = _unpack(bq.zero_points, bq.bits, bq.k_blocks).astype(np.int16)
+    return q - zero[..., None]
 
 
 def _pack(values: np.ndarray, bits: int) -> np.ndarray:
@@ -124,4 +130,9 @@ def fake_quantize_activation(x, block_size: int):
     scale = blocks.abs().amax(dim=-1, keepdim=True) / 127.0
     inverse = torch.where(scale != 0, 1.0 / torch.where(scale != 0, scale, 1.0), 0.0)
     q = torch.round(blocks * inverse)  # torch.round: half to even, like the kernel's nearest-even
-    return (q * scale).reshape(shape)
+    quantized = (q * scale).reshape(shape)
+    if x.requires_grad and torch.is_grad_enabled():
+        # Training through it (exporter/tuning.py): the rounding's gradient taken as 1. Only
+        # then: x + (q - x) need not equal q to the last bit.
+        return x + (quantized - x).detach()
+    return quantized

@@ -17,7 +17,7 @@ from exporter.backends import get_backend
 from exporter.errors import ArtifactError, RecgptError, StageError, UsageError
 from exporter.memory import release_memory
 from exporter.recipe_io import recipe_to_dict
-from exporter.spec import ExportRecipe, ScaleSearchSpec
+from exporter.spec import ExportRecipe, ScaleSearchSpec, TuningSpec
 
 Progress = Callable[[str], None]
 
@@ -93,8 +93,19 @@ def float_decoder(hf_model, recipe: ExportRecipe, backend):
                          attention=attention, cache_update=cache_update)
 
 
-def quantize_decoder(lm, tokenizer, recipe: ExportRecipe, backend):
-    """Smooth, split the lm_head and quantize ``lm`` in place; return the QuantSummary."""
+def quantize_decoder(lm, tokenizer, recipe: ExportRecipe, backend, progress: Progress = _quiet):
+    """Smooth, split the lm_head, quantize and tune ``lm`` in place; return the QuantSummary."""
+    tuning = recipe.quant.tuning
+    if tuning.steps:
+        from exporter.smoothing import calibration_samples, calibration_texts
+        from exporter.tuning import continued_samples, float_log_probs
+
+        tuning_samples = calibration_samples(lm, tokenizer, calibration_texts(tuning, "quant.tuning.calibration"))
+        if tuning.generated_tokens:
+            progress(f"tune: the float model continues {len(tuning_samples)} calibration texts")
+            end = {tokenizer.eos_token_id} - {None}
+            tuning_samples = continued_samples(lm, tuning_samples, tuning.generated_tokens, end)
+        tuning_targets = float_log_probs(lm, tuning_samples)  # from the float decoder, before anything changes it
     smoothing = None
     if recipe.quant.smoothing.alpha > 0:
         from exporter.smoothing import smooth_for_quantization
@@ -114,6 +125,10 @@ def quantize_decoder(lm, tokenizer, recipe: ExportRecipe, backend):
     else:
         summary = backend.quantize(lm, recipe.quant, recipe.target)
     summary.smoothing = smoothing
+    if tuning.steps:
+        from exporter.tuning import tune
+
+        summary.tuning = tune(lm, tuning_samples, tuning_targets, tuning, on_step=progress)
     return summary
 
 
@@ -142,7 +157,7 @@ def export(recipe: ExportRecipe, *, out_dir: Path, model: str | None = None, for
             # weights off the export's peak memory (SmolLM2 int4: 2.0 -> 1.7 GB).
             loaded = replace(loaded, model=None)
             release_memory()
-            summary = quantize_decoder(lm, loaded.tokenizer, recipe, backend)
+            summary = quantize_decoder(lm, loaded.tokenizer, recipe, backend, progress)
         release_memory()  # quantization's temporaries, before lowering's peak
         with Stage("lower", backend.name, timings, progress):
             lowered = backend.lower(lm, recipe=recipe, model=meta, metadata=runtime_constants(meta, recipe), out_dir=tmp,
@@ -181,7 +196,8 @@ def _with_absolute_calibration(recipe: ExportRecipe) -> ExportRecipe:
     from exporter.smoothing import calibration_texts
 
     quant = recipe.quant
-    for table, used in (("smoothing", quant.smoothing.alpha > 0), ("scale_search", quant.scale_search.method != "none")):
+    for table, used in (("smoothing", quant.smoothing.alpha > 0), ("scale_search", quant.scale_search.method != "none"),
+                        ("tuning", quant.tuning.steps > 0)):
         spec = getattr(quant, table)
         if used and spec.calibration != "builtin":
             calibration_texts(spec, f"quant.{table}.calibration")  # a missing or empty file fails here, in one line
@@ -245,7 +261,7 @@ def verify(folder: Path, *, model: str | None = None, progress: Progress = _quie
         if adopts:
             # The artifact's stored weights replace every quantized one below, so searching
             # scales again would be wasted work (and need not give the same near-ties).
-            reference_recipe = replace(recipe, quant=replace(recipe.quant, scale_search=ScaleSearchSpec()))
+            reference_recipe = replace(recipe, quant=replace(recipe.quant, scale_search=ScaleSearchSpec(), tuning=TuningSpec()))
         lm, _ = build_quantized(loaded, reference_recipe, backend)
         if adopts:
             backend.adopt_artifact_weights(lm, artifact)

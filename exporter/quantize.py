@@ -30,6 +30,7 @@ class QuantSummary:
     fused: dict[str, list[str]] = field(default_factory=dict)  # fused Linear -> the modules it replaced
     smoothing: dict | None = None  # what exporter/smoothing.py did before quantizing, if anything
     scale_search: dict | None = None  # exporter/scale_search.py's calibration, when scales were searched
+    tuning: dict | None = None  # exporter/tuning.py's record, when the float parameters were tuned
 
     def to_dict(self) -> dict:
         return {
@@ -47,6 +48,7 @@ class QuantSummary:
             "fused": self.fused,
             "smoothing": self.smoothing,
             "scale_search": self.scale_search,
+            "tuning": self.tuning,
         }
 
     def float_modules(self) -> list[str]:

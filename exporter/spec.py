@@ -146,12 +146,42 @@ class ScaleSearchSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TuningSpec:
+    """End-to-end tuning after quantizing (exporter/tuning.py): the float parameters the
+    artifact stores (block scales, norm weights) trained on the KL divergence from the float
+    model over the calibration texts; the integer codes stay. 0 steps (default) is off."""
+
+    steps: int = 0
+    learning_rate: float = 2e-3
+    scales: bool = True  # each block's scale, as a factor on the one quantization chose
+    norms: bool = True  # the RMSNorm weights
+    # "builtin" (exporter/prompts.py) or a UTF-8 text file, one sample per line.
+    calibration: str = "builtin"
+    # Tokens the float model writes after each calibration text (sampled, seeded); the
+    # tuning trains on text + continuation. 0: on the texts alone.
+    generated_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        if self.generated_tokens < 0:
+            _fail("quant.tuning.generated_tokens", f"must be 0 or more, got {self.generated_tokens}")
+        if self.steps < 0:
+            _fail("quant.tuning.steps", f"must be 0 (off) or a number of steps, got {self.steps}")
+        if not 0.0 < self.learning_rate < 1.0:
+            _fail("quant.tuning.learning_rate", f"must be above 0 and below 1, got {self.learning_rate}")
+        if self.steps and not (self.scales or self.norms):
+            _fail("quant.tuning", "scales and norms are both false: nothing to train; set steps = 0 to turn tuning off")
+        if not self.calibration:
+            _fail("quant.tuning.calibration", 'give "builtin" or the path of a text file')
+
+
+@dataclass(frozen=True, kw_only=True)
 class QuantSpec:
     """Ordered rules, first match wins; modules no rule matches stay float and are counted."""
 
     rules: tuple[QuantRule, ...] = ()
     smoothing: SmoothingSpec = field(default_factory=SmoothingSpec)
     scale_search: ScaleSearchSpec = field(default_factory=ScaleSearchSpec)
+    tuning: TuningSpec = field(default_factory=TuningSpec)
     # N > 0: the lm_head becomes two Linears, lm_head.head (vocabulary rows 0..N-1) and
     # lm_head.tail (the rest), so rules can give them different schemes. BPE vocabularies
     # number tokens roughly by merge order, so the first rows are the frequent tokens the

@@ -186,3 +186,28 @@ def test_dynamic_activation_scheme_against_emulated_reference(tiny_checkpoints, 
         [f"/model.layers.{i}.mlp.gate_up_proj/MatMulNBits" for i in range(2)]
     report = verify(folder)
     assert report["passed"], report["failures"]
+
+
+TUNING = "[quant.tuning]\nsteps = 8\nlearning_rate = 0.01\n"
+
+
+def test_tuning_lowers_kl_to_float_and_verify_adopts_it(tiny_checkpoints, tmp_path):
+    """End-to-end tuning (exporter/tuning.py) trains the stored scales and norm weights: KL to
+    float falls on the calibration and on verify's own prompts (which calibration does not
+    contain), and verify's reference computes with the tuned values the graph holds (weight-only
+    int4: no run-time rounding, so the lowering is exact)."""
+    from exporter.pipeline import verify
+
+    extra = rules("int4_weight", "int4_weight", 32, symmetric=False) + TIGHT + \
+        "quality_top1_min = 0.0\nquality_kl_mean_max = 100.0\n"
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "tuned").mkdir()
+    plain = verify(export_onnx(tmp_path / "plain", tiny_checkpoints["qwen3"], "tiny-qwen3-onnx-q", extra))
+    folder = export_onnx(tmp_path / "tuned", tiny_checkpoints["qwen3"], "tiny-qwen3-onnx-q", extra + TUNING)
+    tuned_record = json.loads((folder / "manifest.json").read_text())["quantization"]["tuning"]
+    assert tuned_record["steps"] == 8 and tuned_record["trained"] == ["block scales", "norm weights"]
+    assert tuned_record["calibration_kl_after"] < 0.8 * tuned_record["calibration_kl_before"]
+    report = verify(folder)
+    assert report["passed"], report["failures"]
+    assert report["lowering"]["max_abs_diff"] <= 1e-3 and report["lowering"]["top1_agreement"] == 1.0
+    assert report["quality"]["kl_mean"] < plain["quality"]["kl_mean"]

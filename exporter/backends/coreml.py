@@ -89,8 +89,10 @@ class CoreMLBackend:
             raise UnsupportedError(f"target.backend {recipe.target.backend!r}: the coreml target builds an ML program; "
                                    f"set target.backend = \"mlprogram\"")
         from exporter.scale_search import refuse_scale_search
+        from exporter.tuning import refuse_tuning
 
         refuse_scale_search(recipe, "coreml")
+        refuse_tuning(recipe, "coreml")
         if recipe.quant.lm_head_split:
             # The program builder reads the lm_head as one matrix.
             raise UnsupportedError("quant.lm_head_split: only the executorch target splits the lm_head; remove it")

@@ -32,6 +32,9 @@ class ExecuTorchBackend:
     def validate(self, recipe) -> None:
         if recipe.target.backend != "xnnpack":
             raise UnsupportedError(f"target.backend {recipe.target.backend!r}: the executorch target supports 'xnnpack' only")
+        from exporter.tuning import refuse_tuning
+
+        refuse_tuning(recipe, "executorch")
         if recipe.kv_cache.cache_update == "index_copy":
             # A program whose cache is written with index_copy_ lowers and saves, then aborts the
             # ExecuTorch 1.5.1 runtime on its first call ("toTensor(): EValue is not a Tensor", a

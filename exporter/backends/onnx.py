@@ -148,7 +148,7 @@ class OnnxBackend:
 
     def adopt_artifact_weights(self, lm, artifact) -> None:
         """Give the quantized reference the artifact's own stored weights (codes, scales, zero
-        points), dequantized.
+        points), dequantized, and its norm weights.
 
         verify's lowering parity then compares the graph with exactly the weights it holds,
         without searching scales again. A rebuild matches only while the calibration
@@ -190,6 +190,10 @@ class OnnxBackend:
             setattr(module, ONNX_WEIGHT_ATTR, adopted)
             with torch.no_grad():
                 module.weight = torch.nn.Parameter(torch.from_numpy(dequantize(adopted)), requires_grad=False)
+        # Norm weights too: end-to-end tuning (exporter/tuning.py) trains them after quantizing.
+        for name, module in lm.named_modules():
+            if type(module).__name__ == "RMSNorm" and f"{name}.weight" in arrays:
+                module.weight = torch.nn.Parameter(torch.from_numpy(arrays[f"{name}.weight"].copy()), requires_grad=False)
 
     def lower(self, lm, *, recipe, model: dict, metadata: dict, out_dir: Path, on_stage: Callable[[str], None]) -> dict:
         onnx = require("onnx", self.extra)
