@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 # Fixed, not the machine's count: the float sums (and so the tuned bytes) depend on how the
-# work is split, and a rebuild elsewhere should give the same artifact.
+# work is split, and a rebuild on another machine (of the same CPU kind) should give the same artifact.
 TUNING_THREADS = 2
 # The continuations the float model writes after each calibration text: seeded, from the
 # smallest set of tokens holding 95% of the probability (as the lab measurement sampled).
@@ -106,7 +106,7 @@ def tune(lm: nn.Module, samples: Sequence[Sequence[int]], targets: Sequence[torc
         """Put this step's weights into the modules as leaf tensors; return (weight computed
         from the factors, its leaf) pairs. The sequences' backward passes then sum dL/dW in
         the leaves, and one backward per step takes it to the factors: rebuilding 135M
-        weights and differentiating through them per sequence took 40% of a SmolLM2 step."""
+        weights and differentiating through them per sequence took a fifth of a SmolLM2 step."""
         built: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for module, stored in quantized:
             if id(stored) not in built:  # a tied embedding and lm_head: one leaf, gradients summed
