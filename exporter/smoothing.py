@@ -20,6 +20,7 @@ The float reference that quality is judged against stays the unsmoothed model.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -58,6 +59,18 @@ def calibration_samples(lm: nn.Module, tokenizer, texts: Sequence[str]) -> list[
     return [ids for ids in samples if ids]
 
 
+@contextlib.contextmanager
+def fixed_threads(count: int):
+    """torch on ``count`` threads inside the block, whatever the machine has: float sums then
+    split the same way on every machine, so calibration and tuning give the same bits."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def observe_linear_inputs(lm: nn.Module, samples: Sequence[Sequence[int]], names: Sequence[str],
                           record: Callable[[str, torch.Tensor], None]) -> None:
     """One prefill of each sample (token ids, from calibration_samples) through our decoder,
@@ -82,14 +95,11 @@ def observe_linear_inputs(lm: nn.Module, samples: Sequence[Sequence[int]], names
             handles.append(modules[name].register_forward_hook(
                 lambda _m, inputs, _o, name=name: record(name, inputs[0].detach())))
     runner = EagerRunner(lm)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), fixed_threads(1):
             for ids in samples:
                 runner.prefill(list(ids))
     finally:
-        torch.set_num_threads(threads)
         for handle in handles:
             handle.remove()
         lm.reset_caches()

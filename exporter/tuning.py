@@ -25,6 +25,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from exporter.smoothing import fixed_threads
+
 # Fixed, not the machine's count: the float sums (and so the tuned bytes) depend on how the
 # work is split, and a rebuild on another machine (of the same CPU kind) should give the same artifact.
 TUNING_THREADS = 2
@@ -48,7 +50,7 @@ def continued_samples(lm: nn.Module, samples: Sequence[Sequence[int]], tokens: i
     generator = torch.Generator().manual_seed(SAMPLING_SEED)
     runner = EagerRunner(lm)
     continued = []
-    with torch.no_grad(), _threads(TUNING_THREADS):
+    with torch.no_grad(), fixed_threads(TUNING_THREADS):
         for ids in samples:
             sequence = list(ids)
             logits = runner.prefill(sequence)
@@ -70,7 +72,7 @@ def continued_samples(lm: nn.Module, samples: Sequence[Sequence[int]], tokens: i
 def float_log_probs(lm: nn.Module, samples: Sequence[Sequence[int]]) -> list[torch.Tensor]:
     """log-softmax of the float decoder's logits at every position of each sample
     ([len, vocab] each): the targets, taken before smoothing and quantization touch ``lm``."""
-    with torch.no_grad(), _threads(TUNING_THREADS):
+    with torch.no_grad(), fixed_threads(TUNING_THREADS):
         targets = [torch.log_softmax(sequence_logits(lm, ids), dim=-1) for ids in samples]
     lm.reset_caches()
     return targets
@@ -125,7 +127,7 @@ def tune(lm: nn.Module, samples: Sequence[Sequence[int]], targets: Sequence[torc
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, spec.steps)
     history = []
     try:
-        with _threads(TUNING_THREADS):
+        with fixed_threads(TUNING_THREADS):
             for step in range(spec.steps + 1):
                 training = step < spec.steps  # the last pass only measures where the steps ended
                 optimizer.zero_grad()
@@ -214,18 +216,6 @@ def _cut_cache_history(lm: nn.Module) -> None:
         for name, buffer in list(module._buffers.items()):
             if buffer is not None and buffer.grad_fn is not None:
                 module._buffers[name] = buffer.detach()
-
-
-class _threads:
-    def __init__(self, count: int) -> None:
-        self.count = count
-
-    def __enter__(self):
-        self.saved = torch.get_num_threads()
-        torch.set_num_threads(self.count)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.saved)
 
 
 def refuse_tuning(recipe, target: str) -> None:

@@ -113,3 +113,19 @@ def test_executorch_refuses_weight_only_linear_and_asymmetric():
     # int4 linears carry their zero points as group offsets (GroupOffsetLinear).
     backend.validate(recipe_from_dict({"name": "x", "quant": {"rules": [
         {"match": "*", "kind": "linear", "scheme": "int8_dynact_int4_weight", "symmetric": False}]}}))
+
+
+@pytest.mark.parametrize("table", ['[quant.smoothing]\nalpha = 0.5', '[quant.scale_search]\nmethod = "activation"',
+                                   "[quant.tuning]\nsteps = 2"])
+def test_missing_calibration_file_is_one_line_before_any_work(cli, tiny_checkpoints, tmp_path, table):
+    """Every table that reads calibration text checks its file before the export starts
+    (pipeline._with_absolute_calibration)."""
+    from conftest import quant_rules, write_recipe
+
+    extra = ('[target]\nname = "onnx"\nbackend = "cpu"\n' + quant_rules("int4_weight", embedding="int4_weight")
+             + f'{table}\ncalibration = "{tmp_path / "none.txt"}"\n')
+    recipe = write_recipe(tmp_path / "r.toml", "x", extra)
+    code, _, err = cli("export", recipe, "--model", tiny_checkpoints["qwen3"], "--out", tmp_path / "art")
+    name = table.split("]")[0].lstrip("[")
+    assert code == 2 and f"{name}.calibration: " in err and "is not a file" in err
+    assert not (tmp_path / "art").exists()

@@ -69,17 +69,6 @@ def test_targets_with_their_own_quantizer_refuse_it(target, backend):
         get_backend(target).validate(recipe)
 
 
-def test_missing_calibration_file_is_one_line_before_any_work(cli, tiny_checkpoints, tmp_path):
-    from conftest import quant_rules, write_recipe
-
-    extra = ('[target]\nname = "onnx"\nbackend = "cpu"\n' + quant_rules("int4_weight", embedding="int4_weight")
-             + f'[quant.scale_search]\nmethod = "activation"\ncalibration = "{tmp_path / "none.txt"}"\n')
-    recipe = write_recipe(tmp_path / "r.toml", "x", extra)
-    code, _, err = cli("export", recipe, "--model", tiny_checkpoints["qwen3"], "--out", tmp_path / "art")
-    assert code == 2 and "quant.scale_search.calibration: " in err and "is not a file" in err
-    assert not (tmp_path / "art").exists()
-
-
 def test_executorch_group_levels_search_positive_bfloat16_scales():
     """XNNPACK stores positive bfloat16 group scales; the search compares what it will hold."""
     from exporter.quantize import int4_group_levels

@@ -155,12 +155,3 @@ def test_calibration_statistics_equal_the_transformers_model(tiny_checkpoints):
     for name in theirs:
         torch.testing.assert_close(ours[name], theirs[name], atol=1e-4, rtol=1e-4, msg=name)
 
-
-def test_missing_calibration_file_fails_before_any_work(tiny_checkpoints, tmp_path, cli):
-    from conftest import write_recipe
-
-    extra = f'\n[quant.smoothing]\nalpha = 0.5\ncalibration = "{tmp_path / "nowhere.txt"}"\n'
-    recipe = write_recipe(tmp_path / "r.toml", "tiny-smooth", extra)
-    code, _, err = cli("export", recipe, "--model", tiny_checkpoints["llama"], "--out", tmp_path / "art")
-    assert code == 2 and "quant.smoothing.calibration" in err and "is not a file" in err
-    assert not (tmp_path / "art").exists()
