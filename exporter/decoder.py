@@ -207,6 +207,11 @@ class StaticCacheLM(nn.Module):
         x = self.hidden_states(tokens, input_pos)
         return self.lm_head(self.model.norm(x[:, -1, :]))
 
+    def all_logits(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """Logits [1, seq, vocab] at every position of ``tokens`` (``forward`` gives the last
+        one's only): for teacher-forced scoring and tuning in eager torch, never exported."""
+        return self.lm_head(self.model.norm(self.hidden_states(tokens, input_pos)))
+
     def hidden_states(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """The last layer's output at every position of ``tokens`` (before the final norm),
         written into the KV cache from ``input_pos``."""

@@ -41,7 +41,13 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def teacher_forced_logits(runner: Runner, prompt: Sequence[int], continuation: Sequence[int]) -> np.ndarray:
-    """Logits after the prompt and after each continuation token but the last: [len(cont), vocab]."""
+    """Logits after the prompt and after each continuation token but the last: [len(cont), vocab].
+
+    Eager runners score the whole sequence in one pass (``sequence_logits``); an artifact is
+    fed one token at a time, its prefill and decode programs as the app runs them."""
+    if hasattr(runner, "sequence_logits"):
+        tokens = list(prompt) + [int(token) for token in continuation[:-1]]
+        return runner.sequence_logits(tokens)[len(prompt) - 1:]
     rows = [runner.prefill(list(prompt))]
     for i, token in enumerate(continuation[:-1]):
         rows.append(runner.decode(int(token), len(prompt) + i))
@@ -74,7 +80,11 @@ def quality_metrics(candidate: np.ndarray, reference: np.ndarray) -> dict:
 
 
 def perplexity(runner: Runner, tokens: Sequence[int]) -> float:
-    """exp(mean NLL) of tokens[1:], fed one at a time (the programs return last-token logits)."""
+    """exp(mean NLL) of tokens[1:]: fed one at a time to an artifact (the programs return
+    last-token logits), in one pass to an eager runner."""
+    if hasattr(runner, "sequence_logits"):
+        log_probs = log_softmax(runner.sequence_logits(list(tokens[:-1])))
+        return float(np.exp(-np.mean(log_probs[np.arange(len(tokens) - 1), list(tokens[1:])])))
     nll = []
     logits = runner.prefill([tokens[0]])
     for pos in range(1, len(tokens)):
@@ -104,9 +114,11 @@ def check_parity(*, candidate: Runner, quantized_reference: Runner, float_refere
     for i, prompt in enumerate(prompts):
         on_step(f"prompt {i + 1}/{len(prompts)}")
         # The float model's greedy tokens (EOS not honoured) drive every teacher-forced run.
+        # Its logits along the way are its teacher-forced ones for that continuation.
         steps = spec.decode_steps + 1
-        continuation = greedy(float_reference, list(prompt), steps, eos_ids=set())
-        float_rows.append(teacher_forced_logits(float_reference, prompt, continuation))
+        seen: list[np.ndarray] = []
+        continuation = greedy(float_reference, list(prompt), steps, eos_ids=set(), logits_seen=seen)
+        float_rows.append(np.stack(seen))
         quant_rows.append(teacher_forced_logits(quantized_reference, prompt, continuation))
         cand_rows.append(teacher_forced_logits(candidate, prompt, continuation))
         for rows, noisy in zip(noise_rows, noise_references):

@@ -3,6 +3,12 @@
 A runner holds a KV cache. ``prefill(tokens)`` starts a sequence at position 0 and returns
 the last token's logits; ``decode(token, pos)`` feeds one token at ``pos``. Logits are
 float32 NumPy vectors of vocabulary size, so parity code never touches a framework.
+
+The eager runners also give ``sequence_logits(tokens)``: the logits after every token of a
+sequence, in one pass from position 0. Teacher-forced scoring (parity) takes them that way
+instead of one decode step per token: an fp32 eager decode step reads every weight for one
+token (SmolLM2-135M: about 70 ms here), a whole sequence costs a few of them. The artifacts
+keep decoding token by token, as the app runs them.
 """
 
 from __future__ import annotations
@@ -99,6 +105,19 @@ class EagerRunner(ChunkedPrefillMixin):
             out = self.lm(torch.tensor([list(tokens)], dtype=torch.long), torch.tensor([start_pos], dtype=torch.long))
         return out[0].float().numpy()
 
+    def sequence_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits [len(tokens), vocab] after each token, from position 0 (chunks of
+        max_prefill_len, the cache carrying across them, as prefill does)."""
+        import torch
+
+        self._check_room(0, len(tokens))
+        rows = []
+        with torch.no_grad(), quiet_native_stderr():
+            for start in range(0, len(tokens), self.max_prefill_len):
+                chunk = torch.tensor([list(tokens[start : start + self.max_prefill_len])], dtype=torch.long)
+                rows.append(self.lm.all_logits(chunk, torch.tensor([start], dtype=torch.long))[0].float().numpy())
+        return np.concatenate(rows)
+
 
 class PerturbedRunner(EagerRunner):
     """The eager model with its embedding output scaled by (1 + relative) on every call.
@@ -112,9 +131,18 @@ class PerturbedRunner(EagerRunner):
         self.relative = relative
 
     def _step(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:
+        with self._perturbed():
+            return super()._step(tokens, start_pos)
+
+    def sequence_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        with self._perturbed():
+            return super().sequence_logits(tokens)
+
+    @contextlib.contextmanager
+    def _perturbed(self):
         handle = self.lm.model.embed_tokens.register_forward_hook(lambda _m, _i, out: out * (1 + self.relative))
         try:
-            return super()._step(tokens, start_pos)
+            yield
         finally:
             handle.remove()
 
@@ -141,6 +169,14 @@ class TransformersRunner:
             raise ValueError(f"TransformersRunner decodes in order: expected pos {self._pos}, got {pos}")
         return self._forward([token])
 
+    def sequence_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits [len(tokens), vocab] after each token, one forward from position 0."""
+        import torch
+
+        with torch.no_grad():
+            out = self.model(input_ids=torch.tensor([list(tokens)], dtype=torch.long), use_cache=False)
+        return out.logits[0].float().numpy()
+
     def _forward(self, tokens: list[int]) -> np.ndarray:
         import torch
 
@@ -154,16 +190,24 @@ class TransformersRunner:
         return out.logits[0, -1].float().numpy()
 
 
-def greedy(runner, prompt: list[int], max_new_tokens: int, eos_ids: set[int]) -> list[int]:
-    """Greedy decoding through any Runner; stops at an EOS id (not included) or the budget."""
+def greedy(runner, prompt: list[int], max_new_tokens: int, eos_ids: set[int],
+           logits_seen: list[np.ndarray] | None = None) -> list[int]:
+    """Greedy decoding through any Runner; stops at an EOS id (not included) or the budget.
+
+    ``logits_seen``: given, each step's logits (the ones its token was chosen from) are
+    appended to it: with no EOS honoured, exactly the teacher-forced logits of the tokens
+    returned, so parity takes the float model's from here instead of running it again."""
     logits = runner.prefill(prompt)
     out: list[int] = []
     pos = len(prompt)
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
+        if logits_seen is not None:
+            logits_seen.append(logits)
         token = int(np.argmax(logits))
         if token in eos_ids:
             break
         out.append(token)
-        logits = runner.decode(token, pos)
-        pos += 1
+        if step + 1 < max_new_tokens:  # the budget's last token needs no logits after it
+            logits = runner.decode(token, pos)
+            pos += 1
     return out

@@ -83,8 +83,7 @@ def sequence_logits(lm: nn.Module, ids: Sequence[int]) -> torch.Tensor:
     decoder's forward gives the last position's only)."""
     _cut_cache_history(lm)
     lm.reset_caches()
-    hidden = lm.hidden_states(torch.tensor([list(ids)]), torch.tensor([0]))
-    return lm.lm_head(lm.model.norm(hidden))[0]
+    return lm.all_logits(torch.tensor([list(ids)]), torch.tensor([0]))[0]
 
 
 def tune(lm: nn.Module, samples: Sequence[Sequence[int]], targets: Sequence[torch.Tensor], spec,

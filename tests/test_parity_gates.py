@@ -7,9 +7,10 @@ import numpy as np
 from exporter.decoder import build_decoder
 from exporter.kv_cache import load_custom_ops
 from exporter.load import load_model
-from exporter.parity import gate_failures, lowering_limits, noise_floor, teacher_forced_logits
+from exporter.parity import (gate_failures, log_softmax, lowering_limits, noise_floor, perplexity,
+                             teacher_forced_logits)
 from exporter.quantize import apply_quantization, materialize_for_eager
-from exporter.runners import EagerRunner, PerturbedRunner
+from exporter.runners import EagerRunner, PerturbedRunner, TransformersRunner, greedy
 from exporter.spec import ParitySpec, QuantRule, QuantSpec
 
 QUALITY = {"top1_agreement": 1.0, "kl_mean": 0.0}
@@ -75,3 +76,39 @@ def test_the_floor_is_each_metrics_median_over_its_draws():
     assert floor["samples"] == draws and floor["perturbations"] == [1e-7, -1e-7, 2e-7]
     limits = lowering_limits(ParitySpec(), {"noise_floor": floor})[:3]
     assert np.allclose(limits, (2.8, 0.9902, 0.97))
+
+
+def _token_by_token(runner, tokens):
+    """Logits after each token, one decode step at a time (how an artifact is scored)."""
+    rows = [runner.prefill(tokens[:1])]
+    rows += [runner.decode(token, pos) for pos, token in enumerate(tokens[1:], start=1)]
+    return np.stack(rows)
+
+
+def test_eager_runners_score_a_sequence_in_one_pass_as_they_decode_it(tiny_checkpoints):
+    # parity scores the eager references with sequence_logits (one pass) and the artifact
+    # token by token: the two must be the same math. 21 tokens over a prefill of 8 also
+    # crosses two chunk boundaries.
+    load_custom_ops()
+    loaded = load_model(tiny_checkpoints["qwen3"])
+    tokens = [5, 17, 33, 60, 100, 7, 9, 12, 250, 31, 2, 44, 8, 3, 90, 61, 18, 200, 4, 77, 15]
+    lm = build_decoder(loaded.model, max_seq_len=32, max_prefill_len=8)
+    for runner in (EagerRunner(lm), PerturbedRunner(lm, 1e-4), TransformersRunner(loaded.model)):
+        one_pass = runner.sequence_logits(tokens)
+        stepped = _token_by_token(runner, tokens)
+        assert one_pass.shape == stepped.shape == (len(tokens), loaded.model.config.vocab_size)
+        np.testing.assert_allclose(one_pass, stepped, rtol=0, atol=2e-5, err_msg=runner.name)
+        # perplexity takes the one-pass route for these runners: the same value.
+        nll = -log_softmax(stepped[:-1])[np.arange(len(tokens) - 1), tokens[1:]]
+        assert abs(perplexity(runner, tokens) - float(np.exp(nll.mean()))) < 1e-4
+    # The perturbation reaches the one-pass route too.
+    assert np.abs(PerturbedRunner(lm, 1e-4).sequence_logits(tokens) - EagerRunner(lm).sequence_logits(tokens)).max() > 0
+
+
+def test_greedy_logits_are_the_teacher_forced_logits_of_its_tokens(tiny_checkpoints):
+    # parity takes the float model's teacher-forced rows from its own greedy run.
+    loaded = load_model(tiny_checkpoints["llama"])
+    runner, prompt, seen = TransformersRunner(loaded.model), [5, 17, 33, 60], []
+    continuation = greedy(runner, prompt, 9, eos_ids=set(), logits_seen=seen)
+    assert len(continuation) == len(seen) == 9
+    np.testing.assert_allclose(np.stack(seen), teacher_forced_logits(runner, prompt, continuation), rtol=0, atol=2e-5)
