@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from exporter.decoder import RMSNorm
 from exporter.smoothing import fixed_threads
 
 # Fixed, not the machine's count: the float sums (and so the tuned bytes) depend on how the
@@ -54,14 +55,15 @@ def continued_samples(lm: nn.Module, samples: Sequence[Sequence[int]], tokens: i
         for ids in samples:
             sequence = list(ids)
             logits = runner.prefill(sequence)
-            for _ in range(min(tokens, lm.max_seq_len - 1 - len(sequence))):
+            budget = min(tokens, lm.max_seq_len - 1 - len(sequence))
+            for step in range(budget):
                 probabilities = torch.softmax(torch.from_numpy(logits).double(), dim=-1)
                 # Nucleus sampling: the improbable tail is where sampled text turns to noise.
                 ranked, order = torch.sort(probabilities, descending=True)
                 keep = (torch.cumsum(ranked, 0) - ranked) < SAMPLING_TOP_P
                 token = int(order[torch.multinomial(ranked * keep, 1, generator=generator)])
                 sequence.append(token)
-                if token in eos_ids or len(sequence) >= lm.max_seq_len - 1:
+                if token in eos_ids or step + 1 == budget:  # no logits needed after the last token
                     break
                 logits = runner.decode(token, len(sequence) - 1)
             continued.append(sequence)
@@ -98,7 +100,7 @@ def tune(lm: nn.Module, samples: Sequence[Sequence[int]], targets: Sequence[torc
                  if getattr(module, ONNX_WEIGHT_ATTR, None) is not None]
     # A tied embedding and lm_head share one stored matrix, so one set of factors.
     blocks = {id(stored): _BlockScales(stored) for _, stored in quantized}
-    norms = [module for module in lm.modules() if type(module).__name__ == "RMSNorm"]
+    norms = [module for module in lm.modules() if isinstance(module, RMSNorm)]
     norm_start = [module.weight.detach().clone() for module in norms]
     norm_factors = [torch.zeros_like(weight, requires_grad=True) for weight in norm_start]
     trained = ([b.log_factor for b in blocks.values()] if spec.scales else []) + (norm_factors if spec.norms else [])
@@ -130,10 +132,9 @@ def tune(lm: nn.Module, samples: Sequence[Sequence[int]], targets: Sequence[torc
             for step in range(spec.steps + 1):
                 training = step < spec.steps  # the last pass only measures where the steps ended
                 optimizer.zero_grad()
-                with torch.set_grad_enabled(training):
-                    pairs = install(training)
                 total = 0.0
                 with torch.set_grad_enabled(training):
+                    pairs = install(training)
                     for ids, target in zip(samples, targets):
                         log_probs = torch.log_softmax(sequence_logits(lm, ids), dim=-1)
                         kl = (target.exp() * (target - log_probs)).sum()

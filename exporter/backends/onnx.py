@@ -158,6 +158,7 @@ class OnnxBackend:
         import torch
         from onnx import load, numpy_helper
 
+        from exporter.decoder import RMSNorm
         from exporter.onnx_graph import FUSED_INTO, ONNX_WEIGHT_ATTR
         from exporter.onnx_quant import dequantize
 
@@ -192,7 +193,7 @@ class OnnxBackend:
                 module.weight = torch.nn.Parameter(torch.from_numpy(dequantize(adopted)), requires_grad=False)
         # Norm weights too: end-to-end tuning (exporter/tuning.py) trains them after quantizing.
         for name, module in lm.named_modules():
-            if type(module).__name__ == "RMSNorm" and f"{name}.weight" in arrays:
+            if isinstance(module, RMSNorm) and f"{name}.weight" in arrays:
                 module.weight = torch.nn.Parameter(torch.from_numpy(arrays[f"{name}.weight"].copy()), requires_grad=False)
 
     def lower(self, lm, *, recipe, model: dict, metadata: dict, out_dir: Path, on_stage: Callable[[str], None]) -> dict:
