@@ -38,6 +38,8 @@ demo: venv
 	$(VENV)/bin/recgpt-export generate $(DEMO_ONNX_OUT) --prompt "用户最近行为：搜索 无线蓝牙耳机；点击 降噪耳机。下一个搜索："
 
 test: venv
+	# Lint first (ruff, line length 119; pyproject.toml): seconds, and a finding fails the run.
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
 clean:

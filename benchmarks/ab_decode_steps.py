@@ -40,14 +40,15 @@ PROMPT_IDS = [100 + i % 1000 for i in range(1, PROMPT_LEN + 1)]
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("programs", nargs="+", help="NAME=PATH/model.pte or NAME=ONNX_FOLDER (the first is the baseline)")
+    parser.add_argument("programs", nargs="+",
+                        help="NAME=PATH/model.pte or NAME=ONNX_FOLDER (the first is the baseline)")
     parser.add_argument("--blocks", type=int, default=60)
     parser.add_argument("--steps", type=int, default=16, help="decode steps per program per block")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="ab-decode-steps.json")
     args = parser.parse_args()
 
-    names, paths = zip(*(spec.partition("=")[::2] for spec in args.programs))
+    names, paths = zip(*(spec.partition("=")[::2] for spec in args.programs), strict=True)
     # Each program is loaded twice, in mirrored order (A B ... B A), and a block's figure for
     # it is the mean of its two copies: with one copy each, the same program listed twice
     # (A/A) measured the second copy 2-4% faster, for .pte and ONNX alike; the mirrored
@@ -71,9 +72,9 @@ def main() -> None:
     base = names[0]
     result = {"threads": args.threads, "blocks": args.blocks, "steps_per_block": args.steps,
               "prompt_tokens": PROMPT_LEN, "baseline": base, "programs": {}}
-    for n, path in zip(names, paths):
-        ratios = [w0 / w for w0, w in zip(wall[base], wall[n])]  # > 1: faster than the baseline
-        diffs = [w - w0 for w0, w in zip(wall[base], wall[n])]
+    for n, path in zip(names, paths, strict=True):
+        ratios = [w0 / w for w0, w in zip(wall[base], wall[n], strict=True)]  # > 1: faster than the baseline
+        diffs = [w - w0 for w0, w in zip(wall[base], wall[n], strict=True)]
         result["programs"][n] = {
             "path": path,
             "step_ms_median": statistics.median(wall[n]),
@@ -112,7 +113,7 @@ class PteStepper:
         import torch
         from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 
-        from exporter.backends.executorch import import_runtime
+        from exporter.backends.executorch.runtime import import_runtime
 
         _unsafe_reset_threadpool(args.threads)
         self.steps = args.steps
@@ -133,9 +134,10 @@ class GenaiStepper:
     def __init__(self, folder: Path, args) -> None:
         import onnxruntime_genai
 
-        from exporter.backends.onnx import GenaiSession
+        from exporter.backends.onnx.runtime import GenaiSession
 
-        self.og, self.model, self.steps = onnxruntime_genai, GenaiSession(folder, threads=args.threads).model, args.steps
+        self.og, self.model, self.steps = (onnxruntime_genai, GenaiSession(folder, threads=args.threads).model,
+                                           args.steps)
 
     def block(self) -> tuple[float, float]:
         params = self.og.GeneratorParams(self.model)

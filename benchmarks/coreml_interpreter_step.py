@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from exporter.coreml_interp import CoreMLProgram
+from exporter.backends.coreml.interp import CoreMLProgram
 
 t, c = time.perf_counter(), time.process_time()
 program = CoreMLProgram(sys.argv[1])

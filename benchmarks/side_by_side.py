@@ -8,9 +8,9 @@
         llama.cpp-q4_1=llamacpp:/path/SmolLM2-135M-Instruct.Q4_1.gguf --llamacpp-python /path/venv/bin/python
 
 Each candidate is KIND:PATH. ``executorch`` runs a .pte through the same TextLLMRunner
-session code as `recgpt-export bench` (exporter.backends.executorch.LLMRunnerSession);
+session code as `recgpt-export bench` (exporter.backends.executorch.runtime.LLMRunnerSession);
 ``genai`` runs a folder with a genai_config.json through onnxruntime-genai's generator
-(exporter.backends.onnx.GenaiSession), as `recgpt-export bench` does for the onnx target.
+(exporter.backends.onnx.runtime.GenaiSession), as `recgpt-export bench` does for the onnx target.
 ``llamacpp`` runs a GGUF file through llama-cpp-python (a reference point, not a target):
 its worker runs under ``--llamacpp-python``, a venv with llama-cpp-python installed (it
 builds from source, see docs/benchmarks.md), and times prefill and each decode step the
@@ -40,12 +40,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def open_session(kind: str, paths: list[str], threads: int):
     """The bench session for one candidate (it carries the runtime's own encode/decode)."""
     if kind == "executorch":
-        from exporter.backends.executorch import LLMRunnerSession
+        from exporter.backends.executorch.runtime import LLMRunnerSession
 
         program, tokenizer = map(Path, paths)
         return LLMRunnerSession(program, tokenizer, threads=threads)
     if kind == "genai":
-        from exporter.backends.onnx import GenaiSession
+        from exporter.backends.onnx.runtime import GenaiSession
 
         return GenaiSession(Path(paths[0]), threads=threads)
     if kind == "llamacpp":
@@ -83,8 +83,10 @@ class LlamaCppSession:
     def decode(self, ids: list[int]) -> str:
         return self.llm.detokenize(ids).decode("utf-8", errors="ignore")
 
-    def run(self, text: str, *, max_new_tokens: int) -> dict:
+    def run(self, text: str, *, max_new_tokens: int):
         import numpy as np
+
+        from exporter.backends.base import RunTiming
 
         llm = self.llm
         prompt = self.encode(text)
@@ -99,16 +101,8 @@ class LlamaCppSession:
         end = time.perf_counter()
         cpu = time.process_time() - cpu0
         wall = end - wall0
-        steps = max_new_tokens - 1
-        return {
-            "prompt_tokens": len(prompt),
-            "prefill_tok_s": len(prompt) / (first - wall0) if max_new_tokens == 1 else None,
-            "ttft_ms": (first - wall0) * 1e3 if max_new_tokens == 1 else None,
-            "decode_tok_s": steps / (end - first) if steps else None,
-            "generated": steps,
-            "cpu_s": cpu,
-            "wall_s": wall,
-        }
+        return RunTiming.of(prompt_tokens=len(prompt), first_token_s=first - wall0, max_new_tokens=max_new_tokens,
+                            generated=max_new_tokens - 1, decode_s=end - first, cpu_s=cpu, wall_s=wall)
 
 
 def candidate_size_mb(kind: str, paths: list[str]) -> float:
@@ -121,6 +115,7 @@ def candidate_size_mb(kind: str, paths: list[str]) -> float:
 def worker(spec: str, threads: int, out: str) -> None:
     sys.path.insert(0, str(ROOT))
     import resource
+    from dataclasses import asdict
 
     from exporter.bench import prompt_text
 
@@ -131,17 +126,18 @@ def worker(spec: str, threads: int, out: str) -> None:
     for length in (64, 256):
         text = prompt_text(encode, decode, length)
         session.run(text, max_new_tokens=1)  # warm-up
-        result[f"prefill_{length}"] = session.run(text, max_new_tokens=1)
+        result[f"prefill_{length}"] = asdict(session.run(text, max_new_tokens=1))
     text = prompt_text(encode, decode, 16)
     session.run(text, max_new_tokens=128)
-    result["decode_128"] = session.run(text, max_new_tokens=128)
+    result["decode_128"] = asdict(session.run(text, max_new_tokens=128))
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
     Path(out).write_text(json.dumps(result))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("candidates", nargs="+", help="NAME=executorch:PROGRAM.pte:TOKENIZER.json or NAME=genai:FOLDER")
+    parser.add_argument("candidates", nargs="+",
+                        help="NAME=executorch:PROGRAM.pte:TOKENIZER.json or NAME=genai:FOLDER")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="bench-side-by-side.json")
@@ -162,12 +158,13 @@ def main() -> None:
                 proc = subprocess.run([python, __file__, "--worker", spec, str(args.threads), out],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                 if proc.returncode != 0:
-                    raise SystemExit(f"{name}: worker failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+                    raise SystemExit(f"{name}: worker failed: "
+                                     f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
                 samples[name].append(json.loads(Path(out).read_text()))
             print(f"round {r + 1}/{args.rounds} {name} done", file=sys.stderr)
     summary = {}
     for name, runs in samples.items():
-        med = lambda f: statistics.median(f(x) for x in runs)  # noqa: E731
+        med = lambda f, runs=runs: statistics.median(f(x) for x in runs)  # noqa: E731
         summary[name] = {
             "size_mb": candidate_size_mb(candidates[name].split(":")[0], candidates[name].split(":")[1:]),
             "prefill_64_tok_s": med(lambda x: x["prefill_64"]["prefill_tok_s"]),
@@ -187,7 +184,8 @@ def main() -> None:
     print("| candidate | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for name, row in summary.items():
-        print(f"| {name} | " + " | ".join(f"{row[c]:.1f}" if isinstance(row[c], float) else str(row[c]) for c in cols) + " |")
+        print(f"| {name} | " + " | ".join(f"{row[c]:.1f}" if isinstance(row[c], float) else str(row[c])
+                                          for c in cols) + " |")
     print(f"\nper-round ratio to {baseline}, median (min-max):")
     print("| candidate | decode | prefill 64 | prefill 256 |\n|---|---|---|---|")
     for name, r in ratios.items():
@@ -207,7 +205,7 @@ def paired_ratios(runs: list[dict], baseline_runs: list[dict]) -> dict:
     do not cancel it."""
     out = {}
     for metric, (phase, key) in METRICS.items():
-        values = [r[phase][key] / b[phase][key] for r, b in zip(runs, baseline_runs)]
+        values = [r[phase][key] / b[phase][key] for r, b in zip(runs, baseline_runs, strict=True)]
         out[metric] = {"median": statistics.median(values), "min": min(values), "max": max(values), "rounds": values}
     return out
 

@@ -19,7 +19,7 @@ def test_parity_gates_pass_here():
     from exporter.pipeline import verify
 
     report = verify(Path(ARTIFACT), model=os.environ.get("RECGPT_MODEL"))
-    assert report["passed"], report["failures"]
+    assert report.passed, report.failures
 
 
 def test_bench_report_written():
@@ -27,4 +27,4 @@ def test_bench_report_written():
 
     report = bench(Path(ARTIFACT))
     assert (Path(ARTIFACT) / "bench.json").is_file()
-    assert report["decode_tok_s"]["runs"] >= 1
+    assert report.decode_tok_s.runs >= 1

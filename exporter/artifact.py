@@ -1,4 +1,4 @@
-"""Artifact folders: atomic writes, hashes, the manifest, and the environment it records."""
+"""Artifact folders: atomic writes, hashes, reading the manifest, and the environment it records."""
 
 from __future__ import annotations
 
@@ -7,24 +7,22 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from exporter.errors import ArtifactError, UsageError
+from exporter.manifest import MANIFEST, ArtifactManifest, FileEntry, manifest_from_json
+from exporter.records import RecordError, write_json_atomic
 
-MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
-# Every tool whose version can change the exported bytes or the measured numbers.
-TRACKED_PACKAGES = (
-    "recgpt-export", "torch", "executorch", "torchao", "transformers", "tokenizers",
-    "numpy", "safetensors", "pytorch-tokenizers", "coremltools", "onnx", "onnxruntime", "onnxruntime-genai",
-)
+__all__ = ["MANIFEST", "Artifact", "atomic_dir", "environment", "file_table", "read_artifact", "write_json_atomic"]
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -73,16 +71,21 @@ def _raise_on_sigterm():
         return None
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+def tracked_packages() -> list[str]:
+    """Every distribution whose version can change the exported bytes or the measured
+    numbers: this tool's own pinned dependencies, every extra's included (pyproject.toml is
+    the one list; a new target's extra is tracked by being declared there)."""
+    try:
+        requirements = metadata.requires("recgpt-export") or []
+    except metadata.PackageNotFoundError:
+        requirements = []
+    pinned = [re.split(r"[=<>!~ ;\[]", req, maxsplit=1)[0] for req in requirements if "==" in req]
+    return ["recgpt-export", *dict.fromkeys(name for name in pinned)]
 
 
 def environment() -> dict[str, Any]:
     versions = {}
-    for name in TRACKED_PACKAGES:
+    for name in tracked_packages():
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -96,14 +99,14 @@ def environment() -> dict[str, Any]:
     }
 
 
-def file_table(folder: Path) -> dict[str, dict[str, Any]]:
+def file_table(folder: Path) -> dict[str, FileEntry]:
     """sha256 and size of every file in the folder except the manifest and reports."""
     table = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
         if rel == MANIFEST or rel in REPORT_FILES:
             continue
-        table[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        table[rel] = FileEntry(sha256=sha256_file(path), bytes=path.stat().st_size)
     return table
 
 
@@ -111,7 +114,7 @@ REPORT_FILES = ("parity.json", "bench.json")
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 @dataclass(frozen=True)
@@ -119,14 +122,14 @@ class Artifact:
     """An artifact folder and its parsed manifest."""
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: ArtifactManifest
 
     @property
     def target(self) -> str:
-        return self.manifest["target"]["name"]
+        return self.manifest.target.name
 
     def file(self, role: str) -> Path:
-        return self.path / self.manifest["roles"][role]
+        return self.path / self.manifest.roles[role]
 
 
 def read_artifact(folder: str | Path, *, check_hashes: bool = True) -> Artifact:
@@ -137,16 +140,16 @@ def read_artifact(folder: str | Path, *, check_hashes: bool = True) -> Artifact:
     if not manifest_path.is_file():
         raise ArtifactError(f"{folder} has no {MANIFEST}; is it an artifact folder made by `recgpt-export export`?")
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest = manifest_from_json(json.loads(manifest_path.read_text(encoding="utf-8")))
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{manifest_path} is not valid JSON ({exc})") from exc
-    if manifest.get("manifest_version") != MANIFEST_VERSION:
-        raise ArtifactError(f"{manifest_path}: manifest_version {manifest.get('manifest_version')!r} is not {MANIFEST_VERSION}")
+    except (RecordError, ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{manifest_path}: {exc}", hint="export the artifact again with this version") from exc
     if check_hashes:
-        for rel, entry in manifest.get("files", {}).items():
+        for rel, entry in manifest.files.items():
             path = folder / rel
             if not path.is_file():
                 raise ArtifactError(f"{folder}: {rel} is listed in the manifest but missing")
-            if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+            if path.stat().st_size != entry.bytes or sha256_file(path) != entry.sha256:
                 raise ArtifactError(f"{folder}: {rel} does not match its sha256 in the manifest (modified or corrupt)")
     return Artifact(folder, manifest)

@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -32,8 +32,11 @@ err_console = Console(stderr=True, soft_wrap=True)  # one error, one line
 _state = {"debug": False}
 
 ArtifactDir = Annotated[Path, typer.Argument(help="An artifact folder written by `recgpt-export export`.")]
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print the report as JSON (the same JSON written to the file).")]
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint folder, .gguf file or builtin:NAME; default: the recipe's model.source.")]
+JsonFlag = Annotated[bool, typer.Option("--json",
+                                        help="Print the report as JSON (the same JSON written to the file).")]
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m",
+                                              help="Checkpoint folder, .gguf file or builtin:NAME; "
+                                                   "default: the recipe's model.source.")]
 
 
 @app.callback()
@@ -82,7 +85,7 @@ def run(fn):
         err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
         if exc.hint:
             err_console.print(f"[yellow]hint:[/yellow] {exc.hint}", highlight=False)
-        raise typer.Exit(exc.exit_code)
+        raise typer.Exit(exc.exit_code) from exc
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/bold red]: nothing was left half-written")
         # Not typer.Exit: when the interrupt lands inside code that a C extension runs with
@@ -97,10 +100,14 @@ def run(fn):
 
 @app.command()
 def export(
-    recipe: Annotated[str, typer.Argument(help="Recipe file, or a shipped recipe name such as smollm2-135m/executorch-xnnpack-int4.")],
+    recipe: Annotated[str, typer.Argument(help="Recipe file, or a shipped recipe name such as "
+                                               "smollm2-135m/executorch-xnnpack-int4.")],
     model: ModelOpt = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Artifact folder to create (default: out/<recipe name>).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe field, e.g. --set kv_cache.max_seq_len=1024 (repeatable).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o",
+                                             help="Artifact folder to create (default: out/<recipe name>).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set",
+                                                   help="Override a recipe field, "
+                                                        "e.g. --set kv_cache.max_seq_len=1024 (repeatable).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace the artifact folder if it exists.")] = False,
 ) -> None:
     """Build an artifact folder: the program, the tokenizer and manifest.json. Written atomically."""
@@ -122,30 +129,38 @@ def verify(folder: ArtifactDir, model: ModelOpt = None, json_: JsonFlag = False)
     Recipes that quantize activations at run time also get the reference's own noise floor
     measured, and lowering is judged against it (docs/parity.md)."""
     from exporter.pipeline import verify as do_verify
+    from exporter.records import to_json
 
     report = run(lambda: do_verify(folder, model=model, progress=StageProgress()))
     if json_:
-        out_console.print_json(json.dumps(report))
+        out_console.print_json(json.dumps(to_json(report)))
     else:
         render_parity(report)
-    raise typer.Exit(0 if report["passed"] else 1)
+    raise typer.Exit(0 if report.passed else 1)
 
 
-def render_parity(report: dict) -> None:
-    table = Table(title=f"parity: {report['compared'].get('artifact', '')} on {report['compared'].get('runtime', '')}")
+def render_parity(report) -> None:
+    from dataclasses import fields
+
+    from exporter.reports import NoiseFloor
+
+    compared = report.compared
+    table = Table(title=f"parity: {compared.artifact} on {compared.runtime}")
     for col in ("check", "metric", "value"):
         table.add_column(col)
     for section in ("lowering", "quality", "greedy", "tokenizer"):
-        for key, value in report[section].items():
+        metrics = getattr(report, section)
+        for f in fields(metrics):
+            value = getattr(metrics, f.name)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                table.add_row(section, key, f"{value:.6g}" if isinstance(value, float) else str(value))
-            elif key == "noise_floor":  # the reference against itself, slightly perturbed
+                table.add_row(section, f.name, f"{value:.6g}" if isinstance(value, float) else str(value))
+            elif isinstance(value, NoiseFloor):  # the reference against itself, slightly perturbed
                 for metric in ("max_abs_diff", "cosine_min", "top1_agreement"):
-                    table.add_row(section, f"noise floor {metric}", f"{value[metric]:.6g}")
+                    table.add_row(section, f"noise floor {metric}", f"{getattr(value, metric):.6g}")
     out_console.print(table)
-    if report["passed"]:
+    if report.passed:
         out_console.print("[bold green]PASS[/bold green]: every gate passed")
-    for failure in report["failures"]:
+    for failure in report.failures:
         out_console.print(f"[bold red]FAIL[/bold red]: {failure}", highlight=False, soft_wrap=True)
 
 
@@ -153,30 +168,35 @@ def render_parity(report: dict) -> None:
 def bench(
     folder: ArtifactDir,
     json_: JsonFlag = False,
-    runs: Annotated[Optional[int], typer.Option(help="Timed runs per case (default: the recipe's bench.runs).")] = None,
-    warmup: Annotated[Optional[int], typer.Option(help="Warm-up runs per case.")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="Runtime threads.")] = None,
+    runs: Annotated[int | None, typer.Option(help="Timed runs per case (default: the recipe's bench.runs).")] = None,
+    warmup: Annotated[int | None, typer.Option(help="Warm-up runs per case.")] = None,
+    threads: Annotated[int | None, typer.Option(help="Runtime threads.")] = None,
 ) -> None:
     """Measure prefill, TTFT, decode tok/s, load time and peak RSS; write DIR/bench.json."""
     from exporter.pipeline import bench as do_bench
+    from exporter.records import to_json
 
     report = run(lambda: do_bench(folder, runs=runs, warmup=warmup, threads=threads, progress=StageProgress()))
     if json_:
-        out_console.print_json(json.dumps(report))
+        out_console.print_json(json.dumps(to_json(report)))
         return
-    table = Table(title=f"bench: {report['artifact']} on {report['device']}, {report['runtime']}, {report['threads']} threads")
+    table = Table(title=f"bench: {report.artifact} on {report.device}, {report.runtime}, {report.threads} threads")
     for col in ("metric", "median", "min", "max", "runs"):
         table.add_column(col)
-    for length, case in report["prefill"].items():
-        for key in ("prefill_tok_s", "ttft_ms"):
-            s = case[key]
-            table.add_row(f"{key} @{case['prompt_tokens']} tok", f"{s['median']:.1f}", f"{s['min']:.1f}", f"{s['max']:.1f}", str(s["runs"]))
-    s = report["decode_tok_s"]
-    table.add_row(f"decode_tok_s ({report['decode_tokens']} tok)", f"{s['median']:.1f}", f"{s['min']:.1f}", f"{s['max']:.1f}", str(s["runs"]))
+
+    def row(label: str, spread) -> None:
+        table.add_row(label, f"{spread.median:.1f}", f"{spread.min:.1f}", f"{spread.max:.1f}", str(spread.runs))
+
+    for case in report.prefill.values():
+        row(f"prefill_tok_s @{case.prompt_tokens} tok", case.prefill_tok_s)
+        row(f"ttft_ms @{case.prompt_tokens} tok", case.ttft_ms)
+    row(f"decode_tok_s ({report.decode_tokens} tok)", report.decode_tok_s)
     out_console.print(table)
-    out_console.print(f"decode CPU {report['decode_cpu_s']['median']:.2f} s over {report['decode_wall_s']['median']:.2f} s wall (median run)")
-    out_console.print(f"load {report['load_ms']:.0f} ms | peak RSS {report['peak_rss_mb']:.0f} MB | "
-                      f"artifact {report['artifact_mb']:.1f} MB | ~{report['bytes_per_decoded_token'] / 1e6:.1f} MB read per decoded token")
+    out_console.print(f"decode CPU {report.decode_cpu_s.median:.2f} s over {report.decode_wall_s.median:.2f} s wall "
+                      f"(median run)")
+    out_console.print(f"load {report.load_ms:.0f} ms | peak RSS {report.peak_rss_mb:.0f} MB | "
+                      f"artifact {report.artifact_mb:.1f} MB | "
+                      f"~{report.bytes_per_decoded_token / 1e6:.1f} MB read per decoded token")
 
 
 @app.command()
@@ -188,40 +208,41 @@ def generate(
     """Run the artifact greedily on a prompt and print the generated text."""
     from exporter.pipeline import generate as do_generate
 
-    out_console.print(run(lambda: do_generate(folder, prompt, max_new_tokens=max_new_tokens)), highlight=False, markup=False)
+    out_console.print(run(lambda: do_generate(folder, prompt, max_new_tokens=max_new_tokens)), highlight=False,
+                      markup=False)
 
 
 @app.command()
 def inspect(folder: ArtifactDir, json_: JsonFlag = False) -> None:
     """Show an artifact's manifest: recipe, files, quantization summary, versions, timings."""
     from exporter.artifact import read_artifact
+    from exporter.records import to_json
 
-    a = run(lambda: read_artifact(folder))
-    m = a.manifest
+    m = run(lambda: read_artifact(folder)).manifest
     if json_:
-        out_console.print_json(json.dumps(m))
+        out_console.print_json(json.dumps(to_json(m)))
         return
-    opset = f" opset {m['target']['opset']}" if "opset" in m["target"] else ""
-    out_console.print(f"[bold]{m['name']}[/bold]  target {m['target']['name']}/{m['target']['backend']}{opset}  created {m['created']}")
-    out_console.print(f"model {m['model']['source']} ({m['model']['architecture']}, vocab {m['model']['vocab_size']}, "
-                      f"max_seq_len {m['model']['max_seq_len']}, max_prefill_len {m['model']['max_prefill_len']})")
+    opset = f" opset {m.target.info['opset']}" if "opset" in m.target.info else ""
+    out_console.print(f"[bold]{m.name}[/bold]  target {m.target.name}{opset}  created {m.created}")
+    out_console.print(f"model {m.model.source} ({m.model.architecture}, vocab {m.model.vocab_size}, "
+                      f"max_seq_len {m.model.max_seq_len}, max_prefill_len {m.model.max_prefill_len})")
     files = Table(title="files")
     for col in ("file", "MB", "sha256"):
         files.add_column(col)
-    for name, entry in m["files"].items():
-        files.add_row(name, f"{entry['bytes'] / 1e6:.2f}", entry["sha256"][:16])
+    for name, entry in m.files.items():
+        files.add_row(name, f"{entry.bytes / 1e6:.2f}", entry.sha256[:16])
     out_console.print(files)
     quant = Table(title="quantization (first matching rule wins)")
     for col in ("rule", "kind", "scheme", "group", "symmetric", "matched"):
         quant.add_column(col)
-    for r in m["quantization"]["rules"]:
+    for r in m.quantization["rules"]:
         symmetric = "-" if r["scheme"] == "float" else ("yes" if r.get("symmetric", True) else "no")
         quant.add_row(r["match"], r["kind"], r["scheme"], str(r["group_size"] or "-"), symmetric, str(r["matched"]))
     out_console.print(quant)
-    out_console.print(f"kept float: {len(m['quantization']['float'])} modules "
-                      f"({len(m['quantization']['unmatched'])} matched no rule)")
-    out_console.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in m["timings_s"].items()))
-    out_console.print("versions: " + ", ".join(f"{k} {v}" for k, v in m["environment"]["packages"].items()))
+    out_console.print(f"kept float: {len(m.quantization['float'])} modules "
+                      f"({len(m.quantization['unmatched'])} matched no rule)")
+    out_console.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in m.timings_s.items()))
+    out_console.print("versions: " + ", ".join(f"{k} {v}" for k, v in m.environment["packages"].items()))
 
 
 @recipes_app.command("list")
@@ -234,7 +255,7 @@ def recipes_list() -> None:
     for col in ("target", "description"):
         table.add_column(col)
     for path in list_recipe_files():
-        r = run(lambda: load_recipe(path))
+        r = run(lambda path=path: load_recipe(path))
         table.add_row(str(path.relative_to(RECIPES_DIR).with_suffix("")), r.target.name, r.description)
     out_console.print(table)
 
@@ -242,7 +263,7 @@ def recipes_list() -> None:
 @recipes_app.command("show")
 def recipes_show(
     recipe: Annotated[str, typer.Argument(help="Recipe file or shipped recipe name.")],
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a field before showing.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field before showing.")] = None,
 ) -> None:
     """Show a recipe fully resolved (defaults filled in, overrides applied) as JSON."""
     from exporter.recipe_io import load_recipe, recipe_to_dict

@@ -15,8 +15,8 @@ for the last token. The cache lives inside the module.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -42,7 +42,7 @@ class DecoderShape:
     tie_word_embeddings: bool
 
     @classmethod
-    def from_config(cls, config) -> "DecoderShape":
+    def from_config(cls, config) -> DecoderShape:
         if getattr(config, "use_sliding_window", False):
             raise UnsupportedError(f"{config.model_type} with use_sliding_window=true is not supported yet")
         if getattr(config, "hidden_act", "silu") != "silu":
@@ -172,19 +172,21 @@ class StaticCacheLM(nn.Module):
         self.register_buffer("rope_inv_freq", torch.zeros(shape.head_dim // 2), persistent=False)
         self.rope_attention_scaling: float | None = None
         self.rope_in_graph = False
+        # Fused Linear name -> the modules it replaced (fuse_projections); rules match those names.
+        self.fused_parts: dict[str, tuple[str, ...]] = {}
 
     def reset_caches(self) -> None:
         """Zero every layer's KV cache and refill the aten-SDPA causal mask, in place."""
         with torch.no_grad():
             for module in self.modules():
-                if hasattr(module, "reset_buffers"):
+                if isinstance(module, (StaticKVCache, CachedAttention)):
                     module.reset_buffers()
 
     def rope_from_positions(self) -> bool:
         """Compute cos/sin in the graph from the positions instead of reading stored tables.
 
-        Saves 2 x max_seq_len x head_dim floats in the program (SmolLM2, 512 positions:
-        262 KB), which is what the transformers rotary module does too. Only taken when
+        Saves 2 x max_seq_len x head_dim floats in the program, which is what the
+        transformers rotary module does too. Only taken when
         the frequencies alone give the tables (checked on every position: not so for
         dynamic rope scaling); returns whether it was."""
         if self.rope_attention_scaling is None:
@@ -250,7 +252,7 @@ class SplitLMHead(nn.Module):
         return torch.cat((self.head(x), self.tail(x)), dim=-1)
 
 
-def split_lm_head(lm: "StaticCacheLM", rows: int) -> None:
+def split_lm_head(lm: StaticCacheLM, rows: int) -> None:
     """Replace ``lm.lm_head`` by a SplitLMHead at vocabulary row ``rows`` (quant.lm_head_split)."""
     from exporter.errors import RecipeError
 
@@ -260,7 +262,7 @@ def split_lm_head(lm: "StaticCacheLM", rows: int) -> None:
     lm.lm_head = SplitLMHead(lm.lm_head, rows)
 
 
-def _concat_linears(parts: list[nn.Linear], names: list[str]) -> nn.Linear:
+def _concat_linears(parts: list[nn.Linear]) -> nn.Linear:
     bias = parts[0].bias is not None
     # On the meta device: no random init of a weight that is replaced at once.
     fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=bias, device="meta")
@@ -268,11 +270,10 @@ def _concat_linears(parts: list[nn.Linear], names: list[str]) -> nn.Linear:
         fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
         if bias:
             fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
-    fused.fused_from = tuple(names)  # quantization rules match these names (exporter/quantize.py, plan)
     return fused
 
 
-def fuse_projections(lm: "StaticCacheLM", can_fuse: Callable[[list[str]], bool]) -> None:
+def fuse_projections(lm: StaticCacheLM, can_fuse: Callable[[list[str]], bool]) -> None:
     """Make q/k/v one Linear (``self_attn.qkv_proj``) and gate/up one (``mlp.gate_up_proj``).
 
     Each group reads the same input, so one Linear over the concatenated rows computes the
@@ -286,11 +287,13 @@ def fuse_projections(lm: "StaticCacheLM", can_fuse: Callable[[list[str]], bool])
         if attn.qkv_proj is None and can_fuse(names):
             parts = [attn.q_proj, attn.k_proj, attn.v_proj]
             attn.qkv_sizes = [p.out_features for p in parts]
-            attn.qkv_proj = _concat_linears(parts, names)
+            attn.qkv_proj = _concat_linears(parts)
+            lm.fused_parts[f"model.layers.{i}.self_attn.qkv_proj"] = tuple(names)
             del attn.q_proj, attn.k_proj, attn.v_proj
         names = [f"model.layers.{i}.mlp.{n}" for n in ("gate_proj", "up_proj")]
         if mlp.gate_up_proj is None and can_fuse(names):
-            mlp.gate_up_proj = _concat_linears([mlp.gate_proj, mlp.up_proj], names)
+            mlp.gate_up_proj = _concat_linears([mlp.gate_proj, mlp.up_proj])
+            lm.fused_parts[f"model.layers.{i}.mlp.gate_up_proj"] = tuple(names)
             del mlp.gate_proj, mlp.up_proj
 
 
@@ -300,7 +303,7 @@ def build_decoder(hf_model, *, max_seq_len: int, max_prefill_len: int,
     config = hf_model.config
     shape = DecoderShape.from_config(config)
     # Built on the meta device, then given the checkpoint's tensors: no random init of a
-    # second full copy (SmolLM2: peak 2.3 GB -> 1.7 GB). Buffers are then filled explicitly.
+    # second full copy of the weights. Buffers are then filled explicitly.
     with torch.device("meta"):
         lm = StaticCacheLM(shape, max_seq_len=max_seq_len, max_prefill_len=max_prefill_len,
                            attention=attention, cache_update=cache_update)
@@ -310,7 +313,8 @@ def build_decoder(hf_model, *, max_seq_len: int, max_prefill_len: int,
     wanted = lm.state_dict()
     missing = [k for k in wanted if k not in source]
     if missing:
-        raise UnsupportedError(f"{config.model_type} checkpoint lacks weights the decoder needs: {', '.join(missing[:3])}")
+        raise UnsupportedError(f"{config.model_type} checkpoint lacks weights the decoder needs: "
+                               f"{', '.join(missing[:3])}")
     lm = lm.to_empty(device="cpu")
     with torch.no_grad():
         # clone: a tied lm_head becomes its own tensor so it can be quantized on its own.

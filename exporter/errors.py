@@ -6,6 +6,8 @@ The CLI prints ``str(error)`` as one line (plus ``hint`` when there is one) and 
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 
 class RecgptError(Exception):
     """Base class: a known failure with a one-line message and a hint on what to do."""
@@ -78,3 +80,8 @@ def require(module: str, extra: str):
             f"{module} is not installed ({exc})",
             hint=f"pip install 'recgpt-export[{extra}]'",
         ) from exc
+
+
+def invalid_field(path: str, message: str) -> NoReturn:
+    """Refuse a recipe field: one line naming its dotted path."""
+    raise RecipeError(f"{path}: {message}")

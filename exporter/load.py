@@ -11,9 +11,10 @@ import hashlib
 import importlib.util
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from exporter.errors import ModelError, UsageError
 
@@ -61,13 +62,15 @@ def resolve_checkpoint(source: str, *, cache_dir: Path | None = None,
         return convert_gguf(builtin_gguf_path(source.removeprefix("builtin:")), cache_dir, on_progress)
     path = Path(source).expanduser()
     if not path.exists():
-        raise UsageError(f"model {source!r} does not exist", hint="pass a checkpoint folder, a .gguf file or builtin:smollm2-135m-instruct")
+        raise UsageError(f"model {source!r} does not exist",
+                         hint="pass a checkpoint folder, a .gguf file or builtin:smollm2-135m-instruct")
     if path.is_file():
         if path.suffix == ".gguf":
             return convert_gguf(path, cache_dir, on_progress)
         if path.suffix in PICKLE_SUFFIXES:
             raise _pickle_refused(path)
-        raise UsageError(f"model {source!r} is a file but not a .gguf", hint="pass the checkpoint folder that holds config.json")
+        raise UsageError(f"model {source!r} is a file but not a .gguf",
+                         hint="pass the checkpoint folder that holds config.json")
     return path
 
 
@@ -88,7 +91,8 @@ def builtin_gguf_path(name: str) -> Path:
 def read_config(checkpoint_dir: Path):
     config_file = checkpoint_dir / "config.json"
     if not config_file.is_file():
-        raise ModelError(f"{checkpoint_dir} has no config.json", hint="pass a Hugging Face checkpoint folder (save_pretrained output)")
+        raise ModelError(f"{checkpoint_dir} has no config.json",
+                         hint="pass a Hugging Face checkpoint folder (save_pretrained output)")
     try:
         raw = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

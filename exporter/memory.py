@@ -10,8 +10,8 @@ def release_memory() -> None:
 
     glibc keeps freed memory in its heap for reuse, so a process that has dropped a float
     model still holds its pages; the next stage's peak then adds to them. malloc_trim
-    returns them (SmolLM2 int4 export: 1.2 -> 0.7 GB resident before lowering). A no-op
-    where the C library has no malloc_trim."""
+    returns them (docs/benchmarks.md has what it saves). A no-op where the C library has
+    no malloc_trim."""
     gc.collect()
     try:
         import ctypes

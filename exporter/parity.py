@@ -11,27 +11,23 @@ tokens, so one early divergence does not compound.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 
-from exporter.runners import Runner, greedy
+from exporter.reports import (
+    Compared,
+    FloorSample,
+    GreedyMetrics,
+    LoweringMetrics,
+    NoiseFloor,
+    ParityReport,
+    QualityMetrics,
+    TokenizerReport,
+)
+from exporter.runners import PerturbedRunner, Runner, SequenceScorer, greedy
 from exporter.spec import ParitySpec
-
-
-@dataclass(kw_only=True)
-class ParityReport:
-    passed: bool
-    failures: list[str]
-    lowering: dict
-    quality: dict
-    greedy: dict
-    tokenizer: dict
-    compared: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -45,7 +41,7 @@ def teacher_forced_logits(runner: Runner, prompt: Sequence[int], continuation: S
 
     Eager runners score the whole sequence in one pass (``sequence_logits``); an artifact is
     fed one token at a time, its prefill and decode programs as the app runs them."""
-    if hasattr(runner, "sequence_logits"):
+    if isinstance(runner, SequenceScorer):
         tokens = list(prompt) + [int(token) for token in continuation[:-1]]
         return runner.sequence_logits(tokens)[len(prompt) - 1:]
     rows = [runner.prefill(list(prompt))]
@@ -54,35 +50,28 @@ def teacher_forced_logits(runner: Runner, prompt: Sequence[int], continuation: S
     return np.stack(rows)
 
 
-def lowering_metrics(candidate: np.ndarray, reference: np.ndarray) -> dict:
+def lowering_metrics(candidate: np.ndarray, reference: np.ndarray) -> LoweringMetrics:
     diff = np.abs(candidate.astype(np.float64) - reference.astype(np.float64))
     num = (candidate * reference).sum(-1, dtype=np.float64)
     den = np.linalg.norm(candidate.astype(np.float64), axis=-1) * np.linalg.norm(reference.astype(np.float64), axis=-1)
     cosine = num / np.maximum(den, 1e-30)
-    return {
-        "max_abs_diff": float(diff.max()),
-        "cosine_min": float(cosine.min()),
-        "top1_agreement": float((candidate.argmax(-1) == reference.argmax(-1)).mean()),
-        "positions": int(candidate.shape[0]),
-    }
+    return LoweringMetrics(max_abs_diff=float(diff.max()), cosine_min=float(cosine.min()),
+                           top1_agreement=float((candidate.argmax(-1) == reference.argmax(-1)).mean()),
+                           positions=int(candidate.shape[0]))
 
 
-def quality_metrics(candidate: np.ndarray, reference: np.ndarray) -> dict:
+def quality_metrics(candidate: np.ndarray, reference: np.ndarray) -> QualityMetrics:
     ref_lp, cand_lp = log_softmax(reference), log_softmax(candidate)
     kl = (np.exp(ref_lp) * (ref_lp - cand_lp)).sum(-1)  # KL(float || artifact), as llama.cpp reports
-    return {
-        "kl_mean": float(kl.mean()),
-        "kl_p99": float(np.percentile(kl, 99)),
-        "kl_max": float(kl.max()),
-        "top1_agreement": float((candidate.argmax(-1) == reference.argmax(-1)).mean()),
-        "positions": int(candidate.shape[0]),
-    }
+    return QualityMetrics(kl_mean=float(kl.mean()), kl_p99=float(np.percentile(kl, 99)), kl_max=float(kl.max()),
+                          top1_agreement=float((candidate.argmax(-1) == reference.argmax(-1)).mean()),
+                          positions=int(candidate.shape[0]))
 
 
 def perplexity(runner: Runner, tokens: Sequence[int]) -> float:
     """exp(mean NLL) of tokens[1:]: fed one at a time to an artifact (the programs return
     last-token logits), in one pass to an eager runner."""
-    if hasattr(runner, "sequence_logits"):
+    if isinstance(runner, SequenceScorer):
         log_probs = log_softmax(runner.sequence_logits(list(tokens[:-1])))
         return float(np.exp(-np.mean(log_probs[np.arange(len(tokens) - 1), list(tokens[1:])])))
     nll = []
@@ -95,16 +84,16 @@ def perplexity(runner: Runner, tokens: Sequence[int]) -> float:
 
 
 def first_divergence(a: Sequence[int], b: Sequence[int]) -> int:
-    for i, (x, y) in enumerate(zip(a, b)):
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
             return i
     return min(len(a), len(b)) if len(a) != len(b) else len(a)
 
 
 def check_parity(*, candidate: Runner, quantized_reference: Runner, float_reference: Runner,
-                 prompts: Sequence[Sequence[int]], heldout: Sequence[int], tokenizer_report: dict,
+                 prompts: Sequence[Sequence[int]], heldout: Sequence[int], tokenizer_report: TokenizerReport,
                  spec: ParitySpec, eos_ids: set[int], on_step: Callable[[str], None] = lambda s: None,
-                 noise_references: Sequence[Runner] = ()) -> ParityReport:
+                 noise_references: Sequence[PerturbedRunner] = ()) -> ParityReport:
     """``noise_references``: the quantized reference slightly perturbed, each a different way
     (runners.PerturbedRunner); when given, their median distance from the reference is
     reported as the lowering noise floor (noise_floor)."""
@@ -121,55 +110,50 @@ def check_parity(*, candidate: Runner, quantized_reference: Runner, float_refere
         float_rows.append(np.stack(seen))
         quant_rows.append(teacher_forced_logits(quantized_reference, prompt, continuation))
         cand_rows.append(teacher_forced_logits(candidate, prompt, continuation))
-        for rows, noisy in zip(noise_rows, noise_references):
+        for rows, noisy in zip(noise_rows, noise_references, strict=True):
             rows.append(teacher_forced_logits(noisy, prompt, continuation))
         expected = _until_eos(continuation, eos_ids)[: spec.greedy_tokens]
         produced = greedy(candidate, list(prompt), spec.greedy_tokens, eos_ids)
         greedy_exact.append(produced == expected)
         greedy_first.append(first_divergence(produced, expected))
         n = max(len(expected), len(produced), 1)
-        greedy_token_match.append(sum(x == y for x, y in zip(produced, expected)) / n)
+        greedy_token_match.append(sum(x == y for x, y in zip(produced, expected, strict=False)) / n)
     cand, quant, flt = (np.concatenate(rows) for rows in (cand_rows, quant_rows, float_rows))
 
     on_step("perplexity on the held-out text")
     lowering = lowering_metrics(cand, quant)
     if noise_rows:
-        lowering["noise_floor"] = noise_floor([lowering_metrics(np.concatenate(rows), quant) for rows in noise_rows],
-                                              [getattr(noisy, "relative", None) for noisy in noise_references],
-                                              spec.lowering_noise_floor_factor)
-    quality = quality_metrics(cand, flt)
-    quality["ppl_reference"] = perplexity(float_reference, heldout)
-    quality["ppl_candidate"] = perplexity(candidate, heldout)
-    quality["heldout_tokens"] = len(heldout)
-    greedy_report = {
-        "exact_match_rate": float(np.mean(greedy_exact)),
-        "first_divergence_min": int(min(greedy_first)),
-        "token_match_rate": float(np.mean(greedy_token_match)),
-        "tokens_per_prompt": spec.greedy_tokens,
-        "prompts": len(prompts),
-    }
+        lowering = replace(lowering, noise_floor=noise_floor(
+            [lowering_metrics(np.concatenate(rows), quant) for rows in noise_rows],
+            [noisy.relative for noisy in noise_references], spec.lowering_noise_floor_factor))
+    quality = replace(quality_metrics(cand, flt), ppl_reference=perplexity(float_reference, heldout),
+                      ppl_candidate=perplexity(candidate, heldout), heldout_tokens=len(heldout))
+    greedy_report = GreedyMetrics(exact_match_rate=float(np.mean(greedy_exact)),
+                                  first_divergence_min=int(min(greedy_first)),
+                                  token_match_rate=float(np.mean(greedy_token_match)),
+                                  tokens_per_prompt=spec.greedy_tokens, prompts=len(prompts))
     failures = gate_failures(spec, lowering, quality, greedy_report, tokenizer_report)
-    return ParityReport(passed=not failures, failures=failures, lowering=lowering, quality=quality,
+    return ParityReport(passed=not failures, failures=tuple(failures), lowering=lowering, quality=quality,
                         greedy=greedy_report, tokenizer=tokenizer_report,
-                        compared={"candidate": candidate.name, "lowering_reference": quantized_reference.name,
-                                  "quality_reference": float_reference.name, "prompts": len(prompts),
-                                  "decode_steps": spec.decode_steps})
+                        compared=Compared(candidate=candidate.name, lowering_reference=quantized_reference.name,
+                                          quality_reference=float_reference.name, prompts=len(prompts),
+                                          decode_steps=spec.decode_steps))
 
 
 FLOOR_METRICS = ("max_abs_diff", "cosine_min", "top1_agreement")
 
 
-def noise_floor(samples: Sequence[dict], perturbations: Sequence, factor: float) -> dict:
+def noise_floor(samples: Sequence[LoweringMetrics], perturbations: Sequence[float], factor: float) -> NoiseFloor:
     """The lowering noise floor: each metric's median over ``samples``, the reference against
     itself perturbed in different ways (each one's lowering_metrics).
 
-    One perturbation is one draw: on SmolLM2 int4 six of them put the reference's minimum
-    cosine with itself anywhere between 0.9929 and 0.9975, so a gate scaled from a single
-    draw passed or failed the same artifact by luck. The median of three is steadier and
-    still the reference's own rounding sensitivity."""
-    floor = {metric: float(np.median([sample[metric] for sample in samples])) for metric in FLOOR_METRICS}
-    return {**floor, "perturbations": list(perturbations), "factor": factor,
-            "samples": [{metric: sample[metric] for metric in FLOOR_METRICS} for sample in samples]}
+    One perturbation is one draw, and draws differ enough that a gate scaled from a single
+    one passed or failed the same artifact by luck (docs/parity.md). The median of three is
+    steadier and still the reference's own rounding sensitivity."""
+    floor = {metric: float(np.median([getattr(sample, metric) for sample in samples])) for metric in FLOOR_METRICS}
+    return NoiseFloor(**floor, perturbations=tuple(perturbations), factor=factor,
+                      samples=tuple(FloorSample(**{metric: getattr(sample, metric) for metric in FLOOR_METRICS})
+                                    for sample in samples))
 
 
 def _until_eos(tokens: Sequence[int], eos_ids: set[int]) -> list[int]:
@@ -181,49 +165,54 @@ def _until_eos(tokens: Sequence[int], eos_ids: set[int]) -> list[int]:
     return out
 
 
-def lowering_limits(spec: ParitySpec, lowering: dict) -> tuple[float, float, float, str]:
+def lowering_limits(spec: ParitySpec, lowering: LoweringMetrics) -> tuple[float, float, float, str]:
     """(max abs, min cosine, min top-1) the lowering gates apply, and how they were set.
 
     With a measured noise floor, each limit is the recipe's threshold or ``factor`` times the
     floor's deviation from the reference, whichever allows more: an artifact cannot be asked
     to agree with the reference better than the reference agrees with itself."""
-    floor = lowering.get("noise_floor")
+    floor = lowering.noise_floor
     factor = spec.lowering_noise_floor_factor
-    if not floor or factor <= 0:
+    if floor is None or factor <= 0:
         return spec.lowering_max_abs_diff, spec.lowering_cosine_min, spec.lowering_top1_min, ""
-    return (max(spec.lowering_max_abs_diff, factor * floor["max_abs_diff"]),
-            min(spec.lowering_cosine_min, 1 - factor * (1 - floor["cosine_min"])),
-            min(spec.lowering_top1_min, 1 - factor * (1 - floor["top1_agreement"])),
+    return (max(spec.lowering_max_abs_diff, factor * floor.max_abs_diff),
+            min(spec.lowering_cosine_min, 1 - factor * (1 - floor.cosine_min)),
+            min(spec.lowering_top1_min, 1 - factor * (1 - floor.top1_agreement)),
             f" (or {factor:g}x the reference's noise floor)")
 
 
-def gate_failures(spec: ParitySpec, lowering: dict, quality: dict, greedy_report: dict, tokenizer: dict) -> list[str]:
+def gate_failures(spec: ParitySpec, lowering: LoweringMetrics, quality: QualityMetrics, greedy_report: GreedyMetrics,
+                  tokenizer: TokenizerReport) -> list[str]:
     """One sentence per failed gate, naming the threshold and the value seen."""
     max_abs, cos_min, top1_min, floor_note = lowering_limits(spec, lowering)
     checks = [
-        (lowering["max_abs_diff"] <= max_abs,
-         f"lowering: max abs logit difference {lowering['max_abs_diff']:.3g} exceeds {max_abs:.3g}, "
+        (lowering.max_abs_diff <= max_abs,
+         f"lowering: max abs logit difference {lowering.max_abs_diff:.3g} exceeds {max_abs:.3g}, "
          f"parity.lowering_max_abs_diff {spec.lowering_max_abs_diff:g}{floor_note}"),
-        (lowering["cosine_min"] >= cos_min,
-         f"lowering: minimum cosine {lowering['cosine_min']:.6f} is below {cos_min:.6f}, "
+        (lowering.cosine_min >= cos_min,
+         f"lowering: minimum cosine {lowering.cosine_min:.6f} is below {cos_min:.6f}, "
          f"parity.lowering_cosine_min {spec.lowering_cosine_min:g}{floor_note}"),
-        (lowering["top1_agreement"] >= top1_min,
-         f"lowering: top-1 agreement {lowering['top1_agreement']:.2%} is below {top1_min:.2%}, "
+        (lowering.top1_agreement >= top1_min,
+         f"lowering: top-1 agreement {lowering.top1_agreement:.2%} is below {top1_min:.2%}, "
          f"parity.lowering_top1_min {spec.lowering_top1_min:.2%}{floor_note}"),
-        (quality["top1_agreement"] >= spec.quality_top1_min,
-         f"quality: top-1 agreement with the float model {quality['top1_agreement']:.2%} is below parity.quality_top1_min {spec.quality_top1_min:.2%}"),
-        (quality["kl_mean"] <= spec.quality_kl_mean_max,
-         f"quality: mean KL divergence from the float model {quality['kl_mean']:.4g} exceeds parity.quality_kl_mean_max {spec.quality_kl_mean_max:g}"),
-        (greedy_report["exact_match_rate"] >= spec.greedy_exact_match_min,
-         f"greedy: exact-match rate {greedy_report['exact_match_rate']:.2%} is below parity.greedy_exact_match_min {spec.greedy_exact_match_min:.2%}"),
-        (tokenizer["mismatches"] == 0,
-         f"tokenizer: {tokenizer['mismatches']} of {tokenizer['texts']} texts encode or decode differently with the shipped tokenizer"),
+        (quality.top1_agreement >= spec.quality_top1_min,
+         f"quality: top-1 agreement with the float model {quality.top1_agreement:.2%} "
+         f"is below parity.quality_top1_min {spec.quality_top1_min:.2%}"),
+        (quality.kl_mean <= spec.quality_kl_mean_max,
+         f"quality: mean KL divergence from the float model {quality.kl_mean:.4g} "
+         f"exceeds parity.quality_kl_mean_max {spec.quality_kl_mean_max:g}"),
+        (greedy_report.exact_match_rate >= spec.greedy_exact_match_min,
+         f"greedy: exact-match rate {greedy_report.exact_match_rate:.2%} "
+         f"is below parity.greedy_exact_match_min {spec.greedy_exact_match_min:.2%}"),
+        (tokenizer.mismatches == 0,
+         f"tokenizer: {tokenizer.mismatches} of {tokenizer.texts} texts encode or decode differently "
+         "with the shipped tokenizer"),
     ]
     return [message for ok, message in checks if not ok]
 
 
 def tokenizer_parity(source, shipped_encode: Callable[[str], list[int]], shipped_decode: Callable[[list[int]], str],
-                     corpus: Sequence[str]) -> dict:
+                     corpus: Sequence[str]) -> TokenizerReport:
     """Encode and decode every text with both tokenizers; any difference is a mismatch."""
     examples = []
     mismatches = 0
@@ -237,4 +226,35 @@ def tokenizer_parity(source, shipped_encode: Callable[[str], list[int]], shipped
             if len(examples) < 3:
                 examples.append({"text": text, "source_ids": expected_ids[:32], "shipped_ids": got_ids[:32],
                                  "source_decoded": expected_text, "shipped_decoded": got_text})
-    return {"texts": len(corpus), "mismatches": mismatches, "examples": examples}
+    return TokenizerReport(texts=len(corpus), mismatches=mismatches, examples=tuple(examples))
+
+
+# -- what verify feeds the gates ---------------------------------------------------------------
+
+# The lowering noise floor scales the reference's embedding output by (1 + each): one to two
+# float32 ulps either way, the size of the rounding differences between two correct
+# implementations. Three draws, and the floor is their median (noise_floor says why).
+NOISE_FLOOR_PERTURBATIONS = (1e-7, -1e-7, 2e-7)
+
+
+def parity_prompts(tokenizer, spec: ParitySpec, max_seq_len: int) -> tuple[list[list[int]], list[int]]:
+    """The behaviour prompts verify scores (cycled to ``spec.prompts``, cut to leave room for
+    the decode steps) and the held-out text perplexity is measured on."""
+    from exporter.prompts import BEHAVIOUR_PROMPTS, HELDOUT_TEXT
+
+    room = max_seq_len - spec.decode_steps - 2
+    texts = [BEHAVIOUR_PROMPTS[i % len(BEHAVIOUR_PROMPTS)] for i in range(spec.prompts)]
+    prompts = [tokenizer.encode(text, add_special_tokens=False)[:room] for text in texts]
+    heldout = tokenizer.encode(HELDOUT_TEXT, add_special_tokens=False)[: min(128, max_seq_len)]
+    return prompts, heldout
+
+
+def noise_references(lm, recipe) -> list[PerturbedRunner]:
+    """Run-time activation quantization makes the reference sensitive to last-bit rounding:
+    perturbed copies of it measure that noise floor, so the lowering gates can be judged
+    against it (none for a recipe without dynamic activations, or with the factor at 0)."""
+    dynamic = any(rule.quantizes_activations for rule in recipe.quant.rules)
+    if not dynamic or recipe.parity.lowering_noise_floor_factor <= 0:
+        return []
+    return [PerturbedRunner(lm, relative, name=f"perturbed eager x (1 {relative:+g})")
+            for relative in NOISE_FLOOR_PERTURBATIONS]

@@ -45,10 +45,12 @@ CALIBRATION_TEXTS = (
     "用户最近行为：搜索 扫地机器人；点击 石头 自清洁 扫拖一体；加入购物车 滤网 配件。下一个搜索：拖把头 替换装",
     "用户最近行为：购买 农夫山泉 550ml*24瓶；搜索 苏打水 无糖；点击 元气森林 气泡水 白桃味。下一个搜索：",
     "用户最近行为：浏览 羽绒服 女 长款；收藏 波司登 鹅绒 连帽；搜索 雪地靴 加绒 🧣。下一个搜索：围巾 羊绒",
-    "Recent behaviour: searched wireless mouse; clicked Logitech MX Master 3S; added a mouse pad to cart. Next search:",
+    "Recent behaviour: searched wireless mouse; clicked Logitech MX Master 3S; added a mouse pad to cart. "
+    "Next search:",
     "用户最近行为：搜索 猫粮 成猫 10kg；点击 皇家 室内猫粮；购买 猫砂 豆腐砂 6L 🐱。下一个搜索：逗猫棒",
     "用户最近行为：点击 戴森 吹风机 HD15；搜索 卷发棒 自动；加购 护发精油 100ml。下一个搜索：",
-    "Recent behaviour: purchased yoga mat 6mm; searched resistance bands set; clicked foam roller 🧘. Next search: dumbbells",
+    "Recent behaviour: purchased yoga mat 6mm; searched resistance bands set; clicked foam roller 🧘. "
+    "Next search: dumbbells",
     "用户最近行为：搜索 婴儿 纸尿裤 L码；点击 花王 妙而舒；购买 湿巾 80抽*10包。下一个搜索：奶瓶 宽口径",
     "The shopper compared two electric toothbrushes, read the reviews on battery life, and bought "
     "the cheaper one with three spare heads. 随后她搜索了冲牙器和牙线，收藏了一款便携式的。",

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.errors import RecipeError, UsageError
-from exporter.spec import ExportRecipe
+from exporter.spec import ExportRecipe, TargetSpec
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -53,7 +53,8 @@ def recipe_from_dict(raw: dict[str, Any]) -> ExportRecipe:
 
 
 def recipe_to_dict(recipe: ExportRecipe) -> dict[str, Any]:
-    """Plain data (lists, not tuples) for the manifest and `recipes show`."""
+    """Plain data (lists, not tuples) for the manifest and `recipes show`; the target's
+    options under their own table, [target.<name>], as a recipe writes them."""
 
     def plain(value: Any) -> Any:
         if isinstance(value, (list, tuple)):
@@ -62,7 +63,10 @@ def recipe_to_dict(recipe: ExportRecipe) -> dict[str, Any]:
             return {k: plain(v) for k, v in value.items()}
         return value
 
-    return plain(dataclasses.asdict(recipe))
+    data = plain(dataclasses.asdict(recipe))
+    target = recipe.target
+    data["target"] = {"name": target.name, target.name: plain(dataclasses.asdict(target.options))}
+    return data
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -102,8 +106,33 @@ def _index(node: list, part: str, path: str) -> int:
     return int(part)
 
 
+def _build_target(raw: Any, path: str) -> TargetSpec:
+    """[target]: ``name`` picks the backend, whose own options class parses [target.<name>]."""
+    from exporter.backends import backend_class, known_targets
+
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: expected a table, got {_type_name(raw)}")
+    name = raw.get("name", TargetSpec.name)
+    if not isinstance(name, str) or not name:
+        raise RecipeError(f"{path}.name: expected a target name, got {name!r}")
+    options_class = backend_class(name).options_class
+    for key in raw:
+        if key in ("name", name):
+            continue
+        if key == "backend":
+            raise RecipeError(f"{path}.backend: no longer a recipe field (each target has one backend); delete it")
+        if key in known_targets():
+            raise RecipeError(f"{path}.{key}: options of the {key} target, but target.name is {name!r}")
+        close = difflib.get_close_matches(key, ["name", name], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: name, {name} (the target's options)"
+        raise RecipeError(f"{path}.{key}: unknown key{hint}")
+    return TargetSpec(name=name, options=_build(options_class, raw.get(name, {}), f"{path}.{name}"))
+
+
 def _build(cls: type, raw: Any, path: str) -> Any:
     where = path or "recipe"
+    if cls is TargetSpec:
+        return _build_target(raw, path)
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}: expected a table, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)

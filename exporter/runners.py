@@ -4,10 +4,10 @@ A runner holds a KV cache. ``prefill(tokens)`` starts a sequence at position 0 a
 the last token's logits; ``decode(token, pos)`` feeds one token at ``pos``. Logits are
 float32 NumPy vectors of vocabulary size, so parity code never touches a framework.
 
-The eager runners also give ``sequence_logits(tokens)``: the logits after every token of a
-sequence, in one pass from position 0. Teacher-forced scoring (parity) takes them that way
-instead of one decode step per token: an fp32 eager decode step reads every weight for one
-token (SmolLM2-135M: about 70 ms here), a whole sequence costs a few of them. The artifacts
+The eager runners are also ``SequenceScorer``s: ``sequence_logits(tokens)`` gives the
+logits after every token of a sequence, in one pass from position 0. Teacher-forced scoring
+(parity) takes them that way instead of one decode step per token: an fp32 eager decode
+step reads every weight for one token, a whole sequence costs a few of them. The artifacts
 keep decoding token by token, as the app runs them.
 """
 
@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Protocol, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -59,23 +61,39 @@ class Runner(Protocol):
     def decode(self, token: int, pos: int) -> np.ndarray: ...
 
 
-class ChunkedPrefillMixin:
-    """Prefill longer than max_prefill_len runs in chunks; the cache carries across them."""
+class SequenceScorer(ABC):
+    """A runner that can score a whole sequence in one pass (declared by inheriting this)."""
 
-    max_prefill_len: int
-    max_seq_len: int
+    @abstractmethod
+    def sequence_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits [len(tokens), vocab] after each token, from position 0."""
 
-    def _step(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:  # pragma: no cover - abstract
-        raise NotImplementedError
+
+class ChunkedRunner(ABC):
+    """A runner over one static cache of ``max_seq_len`` slots, fed at most ``max_prefill_len``
+    tokens per call: longer prefills run in chunks, the cache carrying across them. A
+    subclass gives ``_step(tokens, start_pos)``, one call of its program."""
+
+    def __init__(self, name: str, *, max_prefill_len: int, max_seq_len: int) -> None:
+        self.name = name
+        self.max_prefill_len = max_prefill_len
+        self.max_seq_len = max_seq_len
+
+    @abstractmethod
+    def _step(self, tokens: Sequence[int], start_pos: int) -> np.ndarray: ...
 
     def prefill(self, tokens: Sequence[int]) -> np.ndarray:
         if not tokens:
             raise ValueError("prefill needs at least one token")
         self._check_room(0, len(tokens))
+        self._start_sequence()
         logits = None
         for start in range(0, len(tokens), self.max_prefill_len):
             logits = self._step(tokens[start : start + self.max_prefill_len], start)
         return logits
+
+    def _start_sequence(self) -> None:  # noqa: B027 - an optional hook; the default does nothing
+        """Before a prefill from position 0: runtimes whose state must be renewed do it here."""
 
     def decode(self, token: int, pos: int) -> np.ndarray:
         self._check_room(pos, 1)
@@ -89,14 +107,12 @@ class ChunkedPrefillMixin:
             )
 
 
-class EagerRunner(ChunkedPrefillMixin):
+class EagerRunner(ChunkedRunner, SequenceScorer):
     """Our StaticCacheLM in eager torch (float or quantized): the lowering reference."""
 
     def __init__(self, lm, name: str = "eager") -> None:
+        super().__init__(name, max_prefill_len=lm.max_prefill_len, max_seq_len=lm.max_seq_len)
         self.lm = lm
-        self.name = name
-        self.max_prefill_len = lm.max_prefill_len
-        self.max_seq_len = lm.max_seq_len
 
     def _step(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:
         import torch
@@ -122,7 +138,7 @@ class EagerRunner(ChunkedPrefillMixin):
 class PerturbedRunner(EagerRunner):
     """The eager model with its embedding output scaled by (1 + relative) on every call.
 
-    A float model barely moves (SmolLM2 fp32: 5e-5 on logits); one that quantizes its
+    A float model barely moves (about 1e-5 of its logits); one that quantizes its
     activations at run time moves as far as rounding differences between two correct
     implementations move it, which is what the lowering noise floor measures."""
 
@@ -147,7 +163,7 @@ class PerturbedRunner(EagerRunner):
             handle.remove()
 
 
-class TransformersRunner:
+class TransformersRunner(SequenceScorer):
     """The trained model exactly as transformers runs it (dynamic cache): the float reference."""
 
     def __init__(self, hf_model, name: str = "float") -> None:

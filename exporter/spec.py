@@ -8,25 +8,14 @@ valid as a whole or refused before any work starts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from exporter.errors import RecipeError
+from exporter.errors import invalid_field as _fail
+from exporter.quant.schemes import GROUP_SIZES, MODULE_KINDS, SCHEMES, schemes_for
 
 SCHEMA_VERSION = 1
-
-# Linear schemes. Weight-only "int8_weight" (per channel) and "int4_weight" (per group) are
-# valid for targets that run them correctly; ExecuTorch/XNNPACK refuses both (see
-# backends/executorch.py). Each backend's validate() says which schemes it supports.
-# "palettize_4bit" (Core ML only): a 16-entry lookup table per group of group_size output channels.
-LINEAR_SCHEMES = ("float", "int8_weight", "int4_weight", "int8_dynact_int8_weight", "int8_dynact_int4_weight",
-                  "palettize_4bit")
-EMBEDDING_SCHEMES = ("float", "int8_weight", "int4_weight", "palettize_4bit")
-MODULE_KINDS = ("linear", "embedding", "any")
-GROUP_SIZES = (32, 64, 128)
 DTYPES = ("float32",)
-
-
-def _fail(path: str, message: str) -> None:
-    raise RecipeError(f"{path}: {message}")
+RULE_KINDS = (*MODULE_KINDS, "any")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,16 +71,12 @@ class QuantRule:
     @property
     def quantizes_activations(self) -> bool:
         """The int8_dynact_* schemes quantize a layer's input to int8 at run time."""
-        return self.scheme.startswith("int8_dynact")
+        return SCHEMES[self.scheme].dynamic_activations
 
     def validate(self, path: str) -> None:
-        if self.kind not in MODULE_KINDS:
-            _fail(f"{path}.kind", f"{self.kind!r} is not one of {', '.join(MODULE_KINDS)}")
-        allowed = {
-            "linear": LINEAR_SCHEMES,
-            "embedding": EMBEDDING_SCHEMES,
-            "any": tuple(dict.fromkeys(LINEAR_SCHEMES + EMBEDDING_SCHEMES)),
-        }[self.kind]
+        if self.kind not in RULE_KINDS:
+            _fail(f"{path}.kind", f"{self.kind!r} is not one of {', '.join(RULE_KINDS)}")
+        allowed = schemes_for(self.kind)
         if self.scheme not in allowed:
             _fail(f"{path}.scheme", f"{self.scheme!r} is not a {self.kind} scheme; use one of {', '.join(allowed)}")
         if self.group_size not in GROUP_SIZES:
@@ -100,7 +85,7 @@ class QuantRule:
 
 @dataclass(frozen=True, kw_only=True)
 class SmoothingSpec:
-    """Activation smoothing before quantizing (exporter/smoothing.py); alpha 0 turns it off.
+    """Activation smoothing before quantizing (exporter/quant/smoothing.py); alpha 0 turns it off.
 
     It helps schemes that quantize activations at run time (``int8_dynact_*``): it moves
     activation outliers into the weights, with alpha the share moved."""
@@ -122,7 +107,8 @@ class SmoothingSpec:
         if not self.calibration:
             _fail("quant.smoothing.calibration", 'give "builtin" or the path of a text file')
         if self.group_size and self.group_size not in GROUP_SIZES:
-            _fail("quant.smoothing.group_size", f"{self.group_size} is not 0 (per channel) or one of {', '.join(map(str, GROUP_SIZES))}")
+            _fail("quant.smoothing.group_size",
+                  f"{self.group_size} is not 0 (per channel) or one of {', '.join(map(str, GROUP_SIZES))}")
 
 
 SCALE_SEARCH_METHODS = ("none", "activation")
@@ -130,7 +116,7 @@ SCALE_SEARCH_METHODS = ("none", "activation")
 
 @dataclass(frozen=True, kw_only=True)
 class ScaleSearchSpec:
-    """How block scales are chosen (exporter/scale_search.py). "none": from each block's
+    """How block scales are chosen (exporter/quant/block_search.py). "none": from each block's
     min/max. "activation": searched per block to minimise the layer's output error on the
     calibration texts' activations; same storage, same kernels."""
 
@@ -147,7 +133,7 @@ class ScaleSearchSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class TuningSpec:
-    """End-to-end tuning after quantizing (exporter/tuning.py): the float parameters the
+    """End-to-end tuning after quantizing (exporter/quant/tuning.py): the float parameters the
     artifact stores (block scales, norm weights) trained on the KL divergence from the float
     model over the calibration texts; the integer codes stay. 0 steps (default) is off."""
 
@@ -169,7 +155,8 @@ class TuningSpec:
         if not 0.0 < self.learning_rate < 1.0:
             _fail("quant.tuning.learning_rate", f"must be above 0 and below 1, got {self.learning_rate}")
         if self.steps and not (self.scales or self.norms):
-            _fail("quant.tuning", "scales and norms are both false: nothing to train; set steps = 0 to turn tuning off")
+            _fail("quant.tuning",
+                  "scales and norms are both false: nothing to train; set steps = 0 to turn tuning off")
         if not self.calibration:
             _fail("quant.tuning.calibration", 'give "builtin" or the path of a text file')
 
@@ -185,72 +172,35 @@ class QuantSpec:
     # N > 0: the lm_head becomes two Linears, lm_head.head (vocabulary rows 0..N-1) and
     # lm_head.tail (the rest), so rules can give them different schemes. BPE vocabularies
     # number tokens roughly by merge order, so the first rows are the frequent tokens the
-    # model predicts most (SmolLM2: 92% of verify's top-1 tokens lie below 8192).
+    # model predicts most (docs/recipes.md, "Splitting the lm_head").
     lm_head_split: int = 0
 
     def __post_init__(self) -> None:
         for i, rule in enumerate(self.rules):
             rule.validate(f"quant.rules[{i}]")
         if self.lm_head_split < 0:
-            _fail("quant.lm_head_split", f"must be 0 (no split) or a number of vocabulary rows, got {self.lm_head_split}")
-
-
-COREML_COMPUTE_UNITS = ("cpu_only", "cpu_and_gpu", "cpu_and_ne", "all")
-COREML_DEPLOYMENT_TARGETS = ("iOS18", "macOS15")
-
-
-@dataclass(frozen=True, kw_only=True)
-class CoreMLOptions:
-    """[target.coreml]: options of the coreml target only."""
-
-    compute_units: str = "cpu_only"
-    deployment_target: str = "iOS18"
-
-    def __post_init__(self) -> None:
-        if self.compute_units not in COREML_COMPUTE_UNITS:
-            _fail("target.coreml.compute_units", f"{self.compute_units!r} is not one of {', '.join(COREML_COMPUTE_UNITS)}")
-        if self.deployment_target not in COREML_DEPLOYMENT_TARGETS:
-            _fail("target.coreml.deployment_target",
-                  f"{self.deployment_target!r} is not one of {', '.join(COREML_DEPLOYMENT_TARGETS)} (stateful KV cache needs iOS 18 / macOS 15)")
-
-
-@dataclass(frozen=True, kw_only=True)
-class ExecuTorchOptions:
-    """[target.executorch]: options of the executorch target only."""
-
-    # q/k/v and gate/up as one Linear each where they share a rule: decode steps 3-5% shorter,
-    # prefill 3-6% slower on SmolLM2 (docs/targets/executorch.md). false keeps them apart,
-    # for apps whose latency is mostly prefill.
-    fuse_projections: bool = True
-
-
-@dataclass(frozen=True, kw_only=True)
-class OnnxOptions:
-    """[target.onnx]: options of the onnx target only."""
-
-    opset: int = 23  # the default ONNX domain's opset (23: RMSNormalization); recorded in the manifest
-    # q/k/v and gate/up as one MatMulNBits each where stored alike: decode 2.4% faster, prefill
-    # at 256 tokens about 4% slower on SmolLM2 int4 (docs/targets/onnx.md). false keeps them apart.
-    fuse_projections: bool = True
+            _fail("quant.lm_head_split",
+                  f"must be 0 (no split) or a number of vocabulary rows, got {self.lm_head_split}")
 
 
 @dataclass(frozen=True, kw_only=True)
 class TargetSpec:
+    """[target]: the target's name and, in [target.<name>], that target's own options.
+
+    The options class belongs to the backend (exporter/backends/<name>/options.py); the
+    recipe reader parses the table with it, and ``options`` defaults to its defaults."""
+
     name: str = "executorch"
-    backend: str = "xnnpack"
-    executorch: ExecuTorchOptions = field(default_factory=ExecuTorchOptions)
-    coreml: CoreMLOptions = field(default_factory=CoreMLOptions)
-    onnx: OnnxOptions = field(default_factory=OnnxOptions)
+    options: Any = None
 
     def __post_init__(self) -> None:
-        # The registry knows the targets; here we only check the shape of the value.
-        if not self.name:
-            _fail("target.name", "must not be empty")
-        # A target's own options in another target's recipe are a mistake, not a no-op.
-        for option_table, default in (("executorch", ExecuTorchOptions()), ("coreml", CoreMLOptions()),
-                                      ("onnx", OnnxOptions())):
-            if option_table != self.name and getattr(self, option_table) != default:
-                _fail(f"target.{option_table}", f"options of the {option_table} target, but target.name is {self.name!r}")
+        from exporter.backends import backend_class
+
+        options_class = backend_class(self.name).options_class
+        if self.options is None:
+            object.__setattr__(self, "options", options_class())
+        elif not isinstance(self.options, options_class):
+            _fail(f"target.{self.name}", f"expected {options_class.__name__}, got {type(self.options).__name__}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -65,3 +65,21 @@ def quant_rules(linear: str, *, embedding: str = "int8_weight", lm_head: str | N
 
     head = rule("lm_head", "linear", lm_head) if lm_head else ""
     return "\n" + rule("model.embed_tokens", "embedding", embedding) + head + rule("*", "linear", linear)
+
+
+def eager_greedy_text(folder: Path, checkpoint: Path, prompt: str, max_new_tokens: int) -> tuple[list[int], str]:
+    """The float decoder's greedy continuation of ``prompt`` (tokens, text), tokenized and
+    decoded as the artifact's runtime does: what `generate` on a float artifact must print."""
+    from exporter.artifact import read_artifact
+    from exporter.backends import get_backend
+    from exporter.load import load_model
+    from exporter.pipeline import recipe_of
+    from exporter.quant.apply import float_decoder
+    from exporter.runners import EagerRunner, greedy
+
+    artifact = read_artifact(folder)
+    backend = get_backend(artifact.target)
+    encode, decode = backend.shipped_tokenizer(artifact)
+    lm = float_decoder(load_model(checkpoint).model, recipe_of(artifact), backend)
+    tokens = greedy(EagerRunner(lm), encode(prompt), max_new_tokens, set(artifact.manifest.model.eos_ids))
+    return tokens, decode(tokens)

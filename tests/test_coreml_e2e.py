@@ -12,7 +12,6 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import quant_rules, write_recipe
 
 pytest.importorskip("coremltools")
@@ -20,7 +19,6 @@ pytest.importorskip("coremltools")
 COREML = '''
 [target]
 name = "coreml"
-backend = "mlprogram"
 '''
 # fp16 compute: logits differ from the float32 eager model by fp16 rounding only (measured
 # 2e-3..4e-3 on these models); the default 1e-3 max-abs gate is a float32 bound.
@@ -55,17 +53,17 @@ def test_fp16_package_matches_eager(fp16_artifacts, arch):
     from exporter.pipeline import verify
 
     report = verify(fp16_artifacts[arch])
-    low = report["lowering"]
-    assert low["positions"] == 2 * 33
-    assert low["top1_agreement"] == 1.0 and low["cosine_min"] >= 0.9999, low
-    assert report["passed"], report["failures"]  # max abs within FP16_GATE too
-    assert report["quality"]["top1_agreement"] == 1.0
-    assert report["tokenizer"]["mismatches"] == 0
-    assert report["compared"]["runtime"].startswith("recgpt-export Core ML interpreter (NumPy)")
+    low = report.lowering
+    assert low.positions == 2 * 33
+    assert low.top1_agreement == 1.0 and low.cosine_min >= 0.9999, low
+    assert report.passed, report.failures  # max abs within FP16_GATE too
+    assert report.quality.top1_agreement == 1.0
+    assert report.tokenizer.mismatches == 0
+    assert report.compared.runtime.startswith("recgpt-export Core ML interpreter (NumPy)")
 
 
 def test_package_layout_metadata_and_manifest(fp16_artifacts, cli):
-    from exporter.coreml_interp import CoreMLProgram
+    from exporter.backends.coreml.interp import CoreMLProgram
 
     folder = fp16_artifacts["qwen3"]
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -92,15 +90,16 @@ def test_interpreter_reads_what_coremltools_wrote(fp16_artifacts):
     """Every const the interpreter decodes (spec + weight file) equals what coremltools' own MIL loader reads."""
     from coremltools.converters.mil.frontend.milproto.load import load as load_milproto
 
-    from exporter.coreml_interp.blob import BlobFile
-    from exporter.coreml_interp.package import read_package
-    from exporter.coreml_interp.values import decode_value
+    from exporter.backends.coreml.interp.blob import BlobFile
+    from exporter.backends.coreml.interp.package import read_package
+    from exporter.backends.coreml.interp.values import decode_value
 
     path = fp16_artifacts["llama"] / "model.mlpackage"
     package = read_package(path)
     spec = package.spec
     ref = {op.outputs[0].name: op.outputs[0].val
-           for op in load_milproto(spec, spec.specificationVersion, str(package.weights_dir)).functions["main"].operations
+           for op in load_milproto(spec, spec.specificationVersion,
+                                   str(package.weights_dir)).functions["main"].operations
            if op.op_type == "const"}
     blobs = {}
     main = spec.mlProgram.functions["main"]
@@ -127,16 +126,20 @@ def test_bench_labels_interpreter_timing(fp16_artifacts, cli):
     assert report["prefill_tok_s"]["median"] > 0
 
 
-@pytest.mark.parametrize("arch,linear,lm_head", [("qwen3", "int4_weight", "int8_weight"), ("llama", "palettize_4bit", "palettize_4bit")])
+@pytest.mark.parametrize("arch,linear,lm_head", [
+    ("qwen3", "int4_weight", "int8_weight"),
+    ("llama", "palettize_4bit", "palettize_4bit"),
+])
 def test_compressed_package_stores_what_the_reference_computes(tiny_checkpoints, tmp_path, arch, linear, lm_head):
     """The eager reference holds exactly the weights the package stores, and lowering parity holds."""
     import torch
 
-    from exporter.backends import get_backend
-    from exporter.coreml_interp import CoreMLProgram
-    from exporter.load import load_model
-    from exporter.pipeline import build_quantized, export, recipe_of, verify
     from exporter.artifact import read_artifact
+    from exporter.backends import get_backend
+    from exporter.backends.coreml.interp import CoreMLProgram
+    from exporter.load import load_model
+    from exporter.pipeline import export, recipe_of, verify
+    from exporter.quant.apply import build_quantized
 
     recipe_path = coreml_recipe(tmp_path / "r.toml", f"tiny-{arch}-{linear}", rules(linear, lm_head) + FAST_PARITY)
     from exporter.recipe_io import load_recipe
@@ -145,7 +148,8 @@ def test_compressed_package_stores_what_the_reference_computes(tiny_checkpoints,
     manifest = json.loads((folder / "manifest.json").read_text())
     quant = manifest["quantization"]
     assert [r["matched"] for r in quant["rules"]] == [1, 1, 14] and quant["unmatched"] == []
-    assert quant["rules"][2]["coreml_storage"].startswith({"int4_weight": "int4", "palettize_4bit": "4-bit palette"}[linear])
+    assert quant["rules"][2]["coreml_storage"].startswith({"int4_weight": "int4",
+                                                           "palettize_4bit": "4-bit palette"}[linear])
 
     program = CoreMLProgram(folder / "model.mlpackage")
     constexpr = {"int4_weight": "constexpr_blockwise_shift_scale", "palettize_4bit": "constexpr_lut_to_dense"}[linear]
@@ -153,36 +157,41 @@ def test_compressed_package_stores_what_the_reference_computes(tiny_checkpoints,
     # Weight file: int4 codes take half a byte, so the package is far below fp16 size.
     weights = folder / "model.mlpackage/Data/com.apple.CoreML/weights/weight.bin"
     artifact = read_artifact(folder)
-    lm, _ = build_quantized(load_model(str(tiny_checkpoints[arch])), recipe_of(artifact), get_backend("coreml"))
+    lm, quantized = build_quantized(load_model(str(tiny_checkpoints[arch])), recipe_of(artifact),
+                                    get_backend("coreml"))
     fp16_bytes = sum(p.numel() * 2 for p in lm.parameters())
     assert weights.stat().st_size < 0.5 * fp16_bytes
     # Every weight the interpreter materialises from the package equals the eager model's.
     dense = [v for k, v in program.materialized_constants().items() if isinstance(v, np.ndarray) and v.ndim == 2]
-    for name, module in lm.named_modules():
-        if hasattr(module, "_coreml_compressed"):
-            w = module.weight.detach().numpy()
-            assert any(d.shape == w.shape and np.array_equal(d, w) for d in dense), name
+    names = {module: name for name, module in lm.named_modules()}
+    assert len(quantized.stored) == 1 + 1 + 14  # every module a rule compresses
+    for module in quantized.stored:
+        w = module.weight.detach().numpy()
+        assert any(d.shape == w.shape and np.array_equal(d, w) for d in dense), names[module]
 
     report = verify(folder)
-    low = report["lowering"]
-    assert low["top1_agreement"] == 1.0 and low["cosine_min"] >= 0.9999, low
-    assert report["quality"]["kl_mean"] > 0  # compressed: it cannot equal the float model
+    low = report.lowering
+    assert low.top1_agreement == 1.0 and low.cosine_min >= 0.9999, low
+    assert report.quality.kl_mean > 0  # compressed: it cannot equal the float model
     del torch
 
 
 def test_block_that_does_not_divide_is_refused(tiny_checkpoints, tmp_path, cli):
     """The tiny models' layers are 64 or 128 wide: a block of 128 cannot split the 64-wide ones.
     coremltools' own per-block quantizer would skip them silently; we refuse with exit 3."""
-    recipe = coreml_recipe(tmp_path / "r.toml", "x", rules("int4_weight").replace("group_size = 32", "group_size = 128"))
+    recipe = coreml_recipe(tmp_path / "r.toml", "x",
+                           rules("int4_weight").replace("group_size = 32", "group_size = 128"))
     code, _, err = cli("export", recipe, "--model", tiny_checkpoints["qwen3"], "--out", tmp_path / "art")
     assert code == 3 and "does not divide the input width 64" in err
     assert not (tmp_path / "art").exists()
 
 
 @pytest.mark.parametrize("change,message", [
-    (("int4_weight", "int8_dynact_int4_weight"), "quantizes activations at run time, which Core ML does not do"),
-    (('backend = "mlprogram"', 'backend = "xnnpack"'), 'set target.backend = "mlprogram"'),
-    (("max_prefill_len = 32", 'max_prefill_len = 32\nattention = "sdpa"'), "kv_cache.attention = 'custom_sdpa'"),
+    (("int4_weight", "int8_dynact_int4_weight"), "(Core ML does not quantize activations at run time; int4_weight is"),
+    (('name = "coreml"', 'name = "coreml"\n[quant.scale_search]\nmethod = "activation"'),
+     "quant.scale_search: searching block scales is not supported by the coreml target"),
+    (("max_prefill_len = 32", 'max_prefill_len = 32\nattention = "sdpa"'),
+     "use attention = 'custom_sdpa' with cache_update"),
 ])
 def test_validate_refuses(tiny_checkpoints, tmp_path, cli, change, message):
     recipe = coreml_recipe(tmp_path / "r.toml", "x", rules("int4_weight"))
@@ -195,13 +204,14 @@ def test_validate_refuses(tiny_checkpoints, tmp_path, cli, change, message):
 def test_executorch_refuses_palettization(tiny_checkpoints, tmp_path, cli):
     recipe = write_recipe(tmp_path / "r.toml", "x", rules("palettize_4bit", lm_head="palettize_4bit"))
     code, _, err = cli("export", recipe, "--model", tiny_checkpoints["qwen3"], "--out", tmp_path / "art")
-    assert code == 5 and "palettize_4bit is a Core ML storage format" in err
+    assert code == 5 and "(a Core ML storage format) is not supported by the executorch target" in err
 
 
 def test_unknown_operation_is_a_clear_error(fp16_artifacts, tmp_path, cli):
     """A package using an op the interpreter lacks: refused at load, naming the op (exit 5)."""
     from exporter import artifact as art
-    from exporter.coreml_interp import CoreMLProgram, UnknownOperationError
+    from exporter.backends.coreml.interp import CoreMLProgram, UnknownOperationError
+    from exporter.records import to_json
 
     folder = tmp_path / "art"
     shutil.copytree(fp16_artifacts["qwen2"], folder)
@@ -216,7 +226,8 @@ def test_unknown_operation_is_a_clear_error(fp16_artifacts, tmp_path, cli):
     with pytest.raises(UnknownOperationError, match="does not implement operation.s. frobnicate"):
         CoreMLProgram(folder / "model.mlpackage")
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["files"] = art.file_table(folder)  # a consistent (re-hashed) artifact, so verify reaches the package
+    # a consistent (re-hashed) artifact, so verify reaches the package
+    manifest["files"] = to_json(art.file_table(folder))
     (folder / "manifest.json").write_text(json.dumps(manifest))
     code, _, err = cli("verify", folder)
     assert code == 5 and "frobnicate" in err

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from exporter.coreml_interp.ops import OPS
+from exporter.backends.coreml.interp.ops import OPS
 
 rng = np.random.default_rng(0)
 TESTED: set[str] = set()
@@ -42,7 +42,8 @@ def test_pow_floor_div_mod():
     x = np.abs(r(5)) + 0.5
     np.testing.assert_allclose(run("pow", x=x, y=2.0), torch.tensor(x).pow(2).numpy(), rtol=1e-6)
     a, b = np.array([7, -7, 9]), np.array([2, 2, 4])
-    np.testing.assert_array_equal(run("floor_div", x=a, y=b), torch.div(torch.tensor(a), torch.tensor(b), rounding_mode="floor").numpy())
+    np.testing.assert_array_equal(run("floor_div", x=a, y=b),
+                                  torch.div(torch.tensor(a), torch.tensor(b), rounding_mode="floor").numpy())
     np.testing.assert_array_equal(run("mod", x=a, y=b), np.mod(a, b))
 
 
@@ -82,8 +83,12 @@ def test_clip_select_cast():
     np.testing.assert_array_equal(run("cast", x=x, dtype="fp16"), x)  # the executor rounds to the declared type
 
 
-@pytest.mark.parametrize("name,ref", [("reduce_mean", torch.mean), ("reduce_sum", torch.sum), ("reduce_max", torch.amax),
-                                      ("reduce_min", torch.amin)])
+@pytest.mark.parametrize("name,ref", [
+    ("reduce_mean", torch.mean),
+    ("reduce_sum", torch.sum),
+    ("reduce_max", torch.amax),
+    ("reduce_min", torch.amin),
+])
 def test_reductions(name, ref):
     x = r(3, 4, 5)
     for keep in (False, True):
@@ -100,7 +105,8 @@ def test_argmax_softmax():
 
 def test_linear_and_matmul():
     x, w, b = r(1, 3, 8), r(5, 8), r(5)
-    np.testing.assert_allclose(run("linear", x=x, weight=w, bias=b), F.linear(*map(torch.tensor, (x, w, b))).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run("linear", x=x, weight=w, bias=b), F.linear(*map(torch.tensor, (x, w, b))).numpy(),
+                               rtol=1e-5, atol=1e-5)
     a, c = r(2, 3, 4), r(2, 5, 4)
     np.testing.assert_allclose(run("matmul", x=a, y=c, transpose_y=True), a @ c.transpose(0, 2, 1), rtol=1e-5)
     np.testing.assert_allclose(run("matmul", x=a.transpose(0, 2, 1), y=c, transpose_x=True, transpose_y=True),
@@ -111,9 +117,11 @@ def test_sdpa_bool_and_float_mask():
     q, k, v = r(1, 4, 3, 8), r(1, 4, 10, 8), r(1, 4, 10, 8)
     mask = np.arange(10)[None, :] <= (np.arange(3) + 5)[:, None]
     ref = F.scaled_dot_product_attention(*map(torch.tensor, (q, k, v)), attn_mask=torch.tensor(mask)).numpy()
-    np.testing.assert_allclose(run("scaled_dot_product_attention", query=q, key=k, value=v, attn_mask=mask), ref, atol=1e-5)
+    np.testing.assert_allclose(run("scaled_dot_product_attention", query=q, key=k, value=v, attn_mask=mask),
+                               ref, atol=1e-5)
     additive = np.where(mask, 0, -3e4).astype(np.float32)
-    np.testing.assert_allclose(run("scaled_dot_product_attention", query=q, key=k, value=v, attn_mask=additive), ref, atol=1e-5)
+    np.testing.assert_allclose(run("scaled_dot_product_attention", query=q, key=k, value=v, attn_mask=additive),
+                               ref, atol=1e-5)
     np.testing.assert_allclose(run("scaled_dot_product_attention", query=q, key=k, value=v),
                                F.scaled_dot_product_attention(*map(torch.tensor, (q, k, v))).numpy(), atol=1e-5)
 
@@ -144,12 +152,14 @@ def test_concat_stack_split():
 
 def test_band_part_matches_torch_tril():
     x = np.ones((4, 5), dtype=bool)
-    np.testing.assert_array_equal(run("band_part", x=x, lower=-1, upper=0), torch.ones(4, 5, dtype=torch.bool).tril().numpy())
+    np.testing.assert_array_equal(run("band_part", x=x, lower=-1, upper=0),
+                                  torch.ones(4, 5, dtype=torch.bool).tril().numpy())
 
 
 def test_gather():
     x, idx = r(10, 4), np.array([[3, -1], [0, 9]], dtype=np.int16)
-    np.testing.assert_array_equal(run("gather", x=x, indices=idx, axis=0), F.embedding(torch.tensor(idx % 10).long(), torch.tensor(x)).numpy())
+    np.testing.assert_array_equal(run("gather", x=x, indices=idx, axis=0),
+                                  F.embedding(torch.tensor(idx % 10).long(), torch.tensor(x)).numpy())
     idx2 = np.array([[0, 1, 2, 3]] * 10) % 4
     np.testing.assert_array_equal(run("gather_along_axis", x=x, indices=idx2[:, ::-1], axis=1),
                                   torch.gather(torch.tensor(x), 1, torch.tensor(idx2[:, ::-1].copy())).numpy())
@@ -160,10 +170,11 @@ def test_slice_by_index_masks_and_squeeze():
     got = run("slice_by_index", x=x, begin=np.array([0, -1, 0, 2]), end=np.array([1, 0, 4, 6]),
               end_mask=np.array([True, True, True, False]), squeeze_mask=np.array([False, True, False, False]))
     np.testing.assert_array_equal(got, x[:, -1, :, 2:6])
-    got = run("slice_by_index", x=x, begin=np.array([0, 1, 0, 0]), end=np.array([1, 5, 4, 6]), stride=np.array([1, 2, 1, 3]),
-              begin_mask=np.array([True, False, True, True]))
+    got = run("slice_by_index", x=x, begin=np.array([0, 1, 0, 0]), end=np.array([1, 5, 4, 6]),
+              stride=np.array([1, 2, 1, 3]), begin_mask=np.array([True, False, True, True]))
     np.testing.assert_array_equal(got, x[:, 1:5:2, :, ::3])
-    np.testing.assert_array_equal(run("slice_by_size", x=x, begin=np.array([0, 1, 0, 2]), size=np.array([-1, 2, 4, 3])),
+    np.testing.assert_array_equal(run("slice_by_size", x=x, begin=np.array([0, 1, 0, 2]),
+                                      size=np.array([-1, 2, 4, 3])),
                                   x[:, 1:3, :, 2:5])
 
 
@@ -199,11 +210,13 @@ def test_blockwise_shift_scale():
     data = rng.integers(-8, 8, size=(4, 64)).astype(np.int8)
     scale = np.abs(r(4, 2)) + 0.01
     offset = rng.integers(-2, 2, size=(4, 2)).astype(np.int8)
-    ref = (torch.tensor(data, dtype=torch.float32).reshape(4, 2, 32) - torch.tensor(offset, dtype=torch.float32)[..., None]) \
-        * torch.tensor(scale)[..., None]
-    np.testing.assert_allclose(run("constexpr_blockwise_shift_scale", data=data, scale=scale, offset=offset), ref.reshape(4, 64).numpy(), rtol=1e-6)
+    ref = (torch.tensor(data, dtype=torch.float32).reshape(4, 2, 32)
+           - torch.tensor(offset, dtype=torch.float32)[..., None]) * torch.tensor(scale)[..., None]
+    np.testing.assert_allclose(run("constexpr_blockwise_shift_scale", data=data, scale=scale, offset=offset),
+                               ref.reshape(4, 64).numpy(), rtol=1e-6)
     per_channel = np.abs(r(4, 1))
-    np.testing.assert_allclose(run("constexpr_blockwise_shift_scale", data=data, scale=per_channel), data * per_channel, rtol=1e-6)
+    np.testing.assert_allclose(run("constexpr_blockwise_shift_scale", data=data, scale=per_channel),
+                               data * per_channel, rtol=1e-6)
 
 
 def test_lut_to_dense_per_grouped_channel():

@@ -74,7 +74,8 @@ def test_fused_projections_compute_the_same_logits(tiny_checkpoints, arch):
     fused = build_decoder(loaded.model, max_seq_len=32, max_prefill_len=8)
     fuse_projections(fused, lambda names: True)
     attn, mlp = fused.model.layers[0].self_attn, fused.model.layers[0].mlp
-    assert attn.qkv_proj.fused_from == tuple(f"model.layers.0.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj"))
+    assert fused.fused_parts["model.layers.0.self_attn.qkv_proj"] == tuple(
+        f"model.layers.0.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj"))
     assert not hasattr(attn, "q_proj") and not hasattr(mlp, "up_proj")
     a, b = EagerRunner(separate), EagerRunner(fused)
     np.testing.assert_allclose(a.prefill(TOKENS[:7]), b.prefill(TOKENS[:7]), atol=1e-5, rtol=0)

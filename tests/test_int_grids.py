@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from exporter.int_grids import asymmetric_range, block_extreme, exact_zero_point, symmetric_scales
+from exporter.quant.grids import asymmetric_range, block_extreme, exact_zero_point, symmetric_scales
 
 
 def _blocks():

@@ -52,9 +52,10 @@ def test_unsupported_architecture(cli, tmp_path, tiny_checkpoints):
 
 
 def test_weight_only_int8_linear_refused_for_executorch(cli, tmp_path, tiny_checkpoints):
-    recipe = write_recipe(tmp_path / "r.toml", "w8", '[[quant.rules]]\nmatch = "*"\nkind = "linear"\nscheme = "int8_weight"\n')
+    recipe = write_recipe(tmp_path / "r.toml", "w8",
+                          '[[quant.rules]]\nmatch = "*"\nkind = "linear"\nscheme = "int8_weight"\n')
     code, _, err = cli("export", recipe, "--model", tiny_checkpoints["llama"], "--out", tmp_path / "out")
-    assert code == 5 and "weight-only int8 linear is not correct on ExecuTorch/XNNPACK" in err
+    assert code == 5 and "int8_weight for linear layers (weight-only int8 linears are not correct on XNNPACK" in err
     assert not (tmp_path / "out").exists()
 
 

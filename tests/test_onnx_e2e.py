@@ -6,10 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from conftest import eager_greedy_text, quant_rules, write_recipe
 
-from conftest import quant_rules, write_recipe
-
-ONNX_TARGET = '[target]\nname = "onnx"\nbackend = "cpu"\n'
+ONNX_TARGET = '[target]\nname = "onnx"\n'
 TIGHT = "[parity]\nlowering_max_abs_diff = 1e-3\nlowering_cosine_min = 0.9999\nlowering_top1_min = 1.0\n"
 
 
@@ -33,7 +32,7 @@ def onnx_fp32(tiny_checkpoints, tmp_path_factory):
 
 def test_folder_runs_in_both_runtimes(onnx_fp32):
     manifest = json.loads((onnx_fp32 / "manifest.json").read_text())
-    assert manifest["target"]["name"] == "onnx" and manifest["target"]["opset"] == 23
+    assert manifest["target"]["name"] == "onnx" and manifest["target"]["info"]["opset"] == 23
     assert manifest["roles"] == {"program": "model.onnx", "weights": "model.onnx.data",
                                  "genai_config": "genai_config.json", "tokenizer": "tokenizer.json"}
     assert {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json"} <= set(manifest["files"])
@@ -51,10 +50,10 @@ def test_fp32_parity_is_exact(tiny_checkpoints, tmp_path, arch):
     folder = export_onnx(tmp_path, tiny_checkpoints[arch], f"tiny-{arch}-onnx-fp32",
                          "[parity]\nquality_top1_min = 1.0\ngreedy_exact_match_min = 1.0\n")
     report = verify(folder)
-    assert report["passed"], report["failures"]
-    assert report["lowering"]["max_abs_diff"] <= 1e-3 and report["lowering"]["top1_agreement"] == 1.0
-    assert report["tokenizer"]["mismatches"] == 0
-    assert report["compared"]["runtime"].startswith("onnxruntime 1.32.0")
+    assert report.passed, report.failures
+    assert report.lowering.max_abs_diff <= 1e-3 and report.lowering.top1_agreement == 1.0
+    assert report.tokenizer.mismatches == 0
+    assert report.compared.runtime.startswith("onnxruntime 1.32.0")
 
 
 SEARCH = '[quant.scale_search]\nmethod = "activation"\n'
@@ -66,7 +65,8 @@ SEARCH = '[quant.scale_search]\nmethod = "activation"\n'
     ("qwen2", "int8_weight", "int8_weight", 64, False, False),  # asymmetric, zero points stored
     ("llama", "int4_weight", "int8_weight", 32, False, True),
 ])
-def test_quantized_lowering_parity_is_tight(tiny_checkpoints, tmp_path, arch, linear, embedding, group, symmetric, search):
+def test_quantized_lowering_parity_is_tight(tiny_checkpoints, tmp_path, arch, linear, embedding, group, symmetric,
+                                            search):
     """The graph computes with exactly the dequantized weights of the eager reference.
     Quality against float is not gated here: random tiny weights exaggerate quantization."""
     from exporter.pipeline import verify
@@ -84,11 +84,11 @@ def test_quantized_lowering_parity_is_tight(tiny_checkpoints, tmp_path, arch, li
     else:
         assert searched is None
     # Qwen2 and Qwen3 tie embeddings; stored alike, the matrix is written once.
-    assert manifest["target"]["shared_embedding"] is (arch != "llama")
+    assert manifest["target"]["info"]["shared_embedding"] is (arch != "llama")
     report = verify(folder)
-    assert report["passed"], report["failures"]
-    assert report["lowering"]["max_abs_diff"] <= 1e-3 and report["lowering"]["top1_agreement"] == 1.0
-    assert report["quality"]["kl_mean"] > 1e-6  # it really is quantized
+    assert report.passed, report.failures
+    assert report.lowering.max_abs_diff <= 1e-3 and report.lowering.top1_agreement == 1.0
+    assert report.quality.kl_mean > 1e-6  # it really is quantized
 
 
 def test_projections_stay_apart_when_the_recipe_says_so(tiny_checkpoints, tmp_path):
@@ -105,11 +105,12 @@ def test_projections_stay_apart_when_the_recipe_says_so(tiny_checkpoints, tmp_pa
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
     report = verify(folder)  # the reference finds every part's own initializers
-    assert report["passed"], report["failures"]
+    assert report.passed, report.failures
 
 
 def test_int4_folder_is_smaller_than_fp32(onnx_fp32, tiny_checkpoints, tmp_path):
-    folder = export_onnx(tmp_path, tiny_checkpoints["qwen3"], "tiny-qwen3-onnx-int4", rules("int4_weight", "int4_weight", 32))
+    folder = export_onnx(tmp_path, tiny_checkpoints["qwen3"], "tiny-qwen3-onnx-int4",
+                         rules("int4_weight", "int4_weight", 32))
     size = lambda f: (f / "model.onnx.data").stat().st_size  # noqa: E731
     assert size(folder) < size(onnx_fp32) / 4
 
@@ -139,9 +140,14 @@ def test_genai_greedy_equals_onnxruntime(onnx_fp32):
     assert theirs == ours
 
 
-def test_generate_and_bench(onnx_fp32, cli):
-    code, out, _ = cli("generate", onnx_fp32, "--prompt", "用户搜索 无线蓝牙耳机", "--max-new-tokens", "8")
-    assert code == 0 and out.strip()
+def test_generate_and_bench(onnx_fp32, cli, tiny_checkpoints):
+    from exporter.pipeline import generate
+
+    prompt = "用户搜索 无线蓝牙耳机"
+    tokens, text = eager_greedy_text(onnx_fp32, tiny_checkpoints["qwen3"], prompt, 8)
+    assert tokens and generate(onnx_fp32, prompt, max_new_tokens=8) == text
+    code, out, _ = cli("generate", onnx_fp32, "--prompt", prompt, "--max-new-tokens", "8")
+    assert code == 0 and "".join(out.split()) == "".join(text.split())
     code, out, _ = cli("bench", onnx_fp32, "--runs", "2", "--warmup", "1")
     assert code == 0, out
     report = json.loads((onnx_fp32 / "bench.json").read_text())
@@ -185,7 +191,7 @@ def test_dynamic_activation_scheme_against_emulated_reference(tiny_checkpoints, 
     assert [n.name for n in nodes if "mlp.gate" in n.name or "mlp.up" in n.name] == \
         [f"/model.layers.{i}.mlp.gate_up_proj/MatMulNBits" for i in range(2)]
     report = verify(folder)
-    assert report["passed"], report["failures"]
+    assert report.passed, report.failures
 
 
 TUNING = "[quant.tuning]\nsteps = 8\nlearning_rate = 0.01\n"
@@ -208,6 +214,6 @@ def test_tuning_lowers_kl_to_float_and_verify_adopts_it(tiny_checkpoints, tmp_pa
     assert tuned_record["steps"] == 8 and tuned_record["trained"] == ["block scales", "norm weights"]
     assert tuned_record["calibration_kl_after"] < 0.8 * tuned_record["calibration_kl_before"]
     report = verify(folder)
-    assert report["passed"], report["failures"]
-    assert report["lowering"]["max_abs_diff"] <= 1e-3 and report["lowering"]["top1_agreement"] == 1.0
-    assert report["quality"]["kl_mean"] < plain["quality"]["kl_mean"]
+    assert report.passed, report.failures
+    assert report.lowering.max_abs_diff <= 1e-3 and report.lowering.top1_agreement == 1.0
+    assert report.quality.kl_mean < plain.quality.kl_mean

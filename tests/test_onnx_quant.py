@@ -5,15 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from exporter.onnx_quant import dequantize, fake_quantize_activation, quantize_blockwise
+from exporter.backends.onnx.blocks import dequantize, fake_quantize_activation, quantize_blockwise
 
 
 def _session(nodes, inputs, initializers):
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)])
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                              initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 

@@ -4,25 +4,27 @@ from __future__ import annotations
 
 import numpy as np
 
+from exporter.backends.executorch.quantizer import apply_quantization, materialize_for_eager
 from exporter.decoder import build_decoder
 from exporter.kv_cache import load_custom_ops
 from exporter.load import load_model
-from exporter.parity import (gate_failures, log_softmax, lowering_limits, noise_floor, perplexity,
-                             teacher_forced_logits)
-from exporter.quantize import apply_quantization, materialize_for_eager
+from exporter.parity import gate_failures, log_softmax, lowering_limits, noise_floor, perplexity, teacher_forced_logits
+from exporter.reports import GreedyMetrics, LoweringMetrics, NoiseFloor, QualityMetrics, TokenizerReport
 from exporter.runners import EagerRunner, PerturbedRunner, TransformersRunner, greedy
 from exporter.spec import ParitySpec, QuantRule, QuantSpec
 
-QUALITY = {"top1_agreement": 1.0, "kl_mean": 0.0}
-GREEDY = {"exact_match_rate": 1.0}
-TOKENIZER = {"mismatches": 0, "texts": 1}
+QUALITY = QualityMetrics(top1_agreement=1.0, kl_mean=0.0, kl_p99=0.0, kl_max=0.0, positions=264)
+GREEDY = GreedyMetrics(exact_match_rate=1.0, first_divergence_min=32, token_match_rate=1.0, tokens_per_prompt=32,
+                       prompts=8)
+TOKENIZER = TokenizerReport(mismatches=0, texts=1, examples=())
 
 
 def _lowering(max_abs, cos, top1, floor=None):
-    lowering = {"max_abs_diff": max_abs, "cosine_min": cos, "top1_agreement": top1, "positions": 264}
+    noise = None
     if floor:
-        lowering["noise_floor"] = {"max_abs_diff": floor[0], "cosine_min": floor[1], "top1_agreement": floor[2]}
-    return lowering
+        noise = NoiseFloor(max_abs_diff=floor[0], cosine_min=floor[1], top1_agreement=floor[2],
+                           perturbations=(1e-7,), factor=2.0, samples=())
+    return LoweringMetrics(max_abs_diff=max_abs, cosine_min=cos, top1_agreement=top1, positions=264, noise_floor=noise)
 
 
 def test_without_a_floor_the_recipe_thresholds_apply():
@@ -68,13 +70,16 @@ def test_perturbation_moves_float_models_by_rounding_only(tiny_checkpoints):
 def test_the_floor_is_each_metrics_median_over_its_draws():
     # One draw far from the others (a perturbation that happened to flip many codes) moves
     # the floor no more than the middle draw allows.
-    draws = [{"max_abs_diff": 1.1, "cosine_min": 0.9975, "top1_agreement": 0.992},
-             {"max_abs_diff": 2.9, "cosine_min": 0.9929, "top1_agreement": 0.970},
-             {"max_abs_diff": 1.4, "cosine_min": 0.9951, "top1_agreement": 0.985}]
+    draws = [LoweringMetrics(max_abs_diff=1.1, cosine_min=0.9975, top1_agreement=0.992, positions=264),
+             LoweringMetrics(max_abs_diff=2.9, cosine_min=0.9929, top1_agreement=0.970, positions=264),
+             LoweringMetrics(max_abs_diff=1.4, cosine_min=0.9951, top1_agreement=0.985, positions=264)]
     floor = noise_floor(draws, [1e-7, -1e-7, 2e-7], 2.0)
-    assert (floor["max_abs_diff"], floor["cosine_min"], floor["top1_agreement"]) == (1.4, 0.9951, 0.985)
-    assert floor["samples"] == draws and floor["perturbations"] == [1e-7, -1e-7, 2e-7]
-    limits = lowering_limits(ParitySpec(), {"noise_floor": floor})[:3]
+    assert (floor.max_abs_diff, floor.cosine_min, floor.top1_agreement) == (1.4, 0.9951, 0.985)
+    assert [(s.max_abs_diff, s.cosine_min, s.top1_agreement) for s in floor.samples] == \
+        [(d.max_abs_diff, d.cosine_min, d.top1_agreement) for d in draws]
+    assert floor.perturbations == (1e-7, -1e-7, 2e-7)
+    limits = lowering_limits(ParitySpec(), _lowering(0, 1, 1, (floor.max_abs_diff, floor.cosine_min,
+                                                                floor.top1_agreement)))[:3]
     assert np.allclose(limits, (2.8, 0.9902, 0.97))
 
 
@@ -102,7 +107,8 @@ def test_eager_runners_score_a_sequence_in_one_pass_as_they_decode_it(tiny_check
         nll = -log_softmax(stepped[:-1])[np.arange(len(tokens) - 1), tokens[1:]]
         assert abs(perplexity(runner, tokens) - float(np.exp(nll.mean()))) < 1e-4
     # The perturbation reaches the one-pass route too.
-    assert np.abs(PerturbedRunner(lm, 1e-4).sequence_logits(tokens) - EagerRunner(lm).sequence_logits(tokens)).max() > 0
+    assert np.abs(PerturbedRunner(lm, 1e-4).sequence_logits(tokens)
+                  - EagerRunner(lm).sequence_logits(tokens)).max() > 0
 
 
 def test_greedy_logits_are_the_teacher_forced_logits_of_its_tokens(tiny_checkpoints):

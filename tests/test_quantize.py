@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from exporter.backends.executorch.options import ExecuTorchOptions
+from exporter.backends.executorch.quantizer import apply_quantization
 from exporter.decoder import build_decoder
 from exporter.errors import RecipeError
 from exporter.load import load_model
-from exporter.quantize import apply_quantization, plan
-from exporter.spec import ExecuTorchOptions, QuantRule, QuantSpec, TargetSpec
+from exporter.quant.plan import plan
+from exporter.spec import QuantRule, QuantSpec
 
 
 @pytest.fixture
@@ -78,7 +80,7 @@ def test_asymmetric_int4_groups_reproduce_a_min_max_grid():
     embedded SmolLM2 is) comes back up to the bfloat16 rounding of d; symmetric groups cannot follow it."""
     import torch
 
-    from exporter.quantize import int4_group_levels, int4_group_offsets
+    from exporter.backends.executorch.quantizer import int4_group_levels, int4_group_offsets
 
     g = torch.Generator().manual_seed(0)
     n, k = 48, 64
@@ -101,7 +103,7 @@ def test_asymmetric_int4_groups_reproduce_a_min_max_grid():
 def test_asymmetric_rule_wraps_linears_with_group_offsets(lm):
     import torch
 
-    from exporter.quantize import GroupOffsetLinear, materialize_for_eager
+    from exporter.backends.executorch.quantizer import GroupOffsetLinear, materialize_for_eager
 
     x = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(1))
     up = lm.model.layers[1].mlp.up_proj
@@ -113,7 +115,8 @@ def test_asymmetric_rule_wraps_linears_with_group_offsets(lm):
     wrapped = lm.model.layers[1].mlp.up_proj
     assert isinstance(wrapped, GroupOffsetLinear) and wrapped.main is up
     codes = wrapped.group_sum.weight.qdata
-    assert codes.shape == (2, 64) and codes.sum() == 64 and torch.equal(wrapped.group_sum.weight.scale.float(), torch.ones(2, 2))
+    assert (codes.shape == (2, 64) and codes.sum() == 64
+            and torch.equal(wrapped.group_sum.weight.scale.float(), torch.ones(2, 2)))
     quantized = wrapped(x)
     # Random float weights are not on a grid: the result is close to float, not equal.
     assert torch.nn.functional.cosine_similarity(quantized.flatten(), expected.flatten(), dim=0) > 0.99
@@ -124,7 +127,7 @@ def test_asymmetric_rule_wraps_linears_with_group_offsets(lm):
 def test_lm_head_split_keeps_the_logits_and_names_both_parts(lm):
     import torch
 
-    from exporter.backends import get_backend
+    from exporter.backends.base import check_recipe
     from exporter.decoder import split_lm_head
     from exporter.errors import UnsupportedError
     from exporter.recipe_io import recipe_from_dict
@@ -144,21 +147,22 @@ def test_lm_head_split_keeps_the_logits_and_names_both_parts(lm):
     assert [r["modules"] for r in summary["rules"]] == [["lm_head.head"], ["lm_head.tail"]]
     with pytest.raises(RecipeError, match=r"quant\.lm_head_split: must be 0"):
         QuantSpec(lm_head_split=-1)
-    recipe = recipe_from_dict({"name": "x", "quant": {"lm_head_split": 100}, "target": {"name": "onnx", "backend": "cpu"}})
-    with pytest.raises(UnsupportedError, match="only the executorch target splits the lm_head"):
-        get_backend("onnx").validate(recipe)
+    recipe = recipe_from_dict({"name": "x", "quant": {"lm_head_split": 100}, "target": {"name": "onnx"}})
+    with pytest.raises(UnsupportedError, match=r"quant\.lm_head_split: splitting the lm_head is not supported by "
+                                               r"the onnx target \(supported by: executorch\)"):
+        check_recipe(recipe)
 
 
 def test_executorch_fuses_only_projections_that_share_a_rule(lm):
     # v_proj of layer 0 gets its own rule: that layer's q/k/v stay three Linears, its gate/up
     # and every other layer's groups are fused and fall under the rule of their parts.
-    from exporter.backends.executorch import ExecuTorchBackend
+    from exporter.backends.executorch.backend import ExecuTorchBackend
 
     spec = QuantSpec(rules=(
         QuantRule(match="model.layers.0.self_attn.v_proj", kind="linear", scheme="int8_dynact_int8_weight"),
         QuantRule(match="model.layers.*", kind="linear", scheme="int8_dynact_int4_weight", group_size=32),
     ))
-    summary = ExecuTorchBackend().quantize(lm, spec, TargetSpec()).to_dict()
+    summary = ExecuTorchBackend().quantize(lm, spec, ExecuTorchOptions()).summary.to_dict()
     layer0, layer1 = lm.model.layers[0], lm.model.layers[1]
     assert layer0.self_attn.qkv_proj is None and hasattr(layer0.self_attn, "v_proj")
     assert layer1.self_attn.qkv_proj is not None and layer0.mlp.gate_up_proj is not None
@@ -172,11 +176,11 @@ def test_executorch_fuses_only_projections_that_share_a_rule(lm):
 
 
 def test_executorch_keeps_projections_apart_when_the_recipe_says_so(lm):
-    from exporter.backends.executorch import ExecuTorchBackend
+    from exporter.backends.executorch.backend import ExecuTorchBackend
 
-    spec = QuantSpec(rules=(QuantRule(match="model.layers.*", kind="linear", scheme="int8_dynact_int4_weight", group_size=32),))
-    target = TargetSpec(executorch=ExecuTorchOptions(fuse_projections=False))
-    summary = ExecuTorchBackend().quantize(lm, spec, target).to_dict()
+    spec = QuantSpec(rules=(QuantRule(match="model.layers.*", kind="linear", scheme="int8_dynact_int4_weight",
+                                      group_size=32),))
+    summary = ExecuTorchBackend().quantize(lm, spec, ExecuTorchOptions(fuse_projections=False)).summary.to_dict()
     assert summary["fused"] == {}
     assert all(layer.self_attn.qkv_proj is None and layer.mlp.gate_up_proj is None for layer in lm.model.layers)
     assert "model.layers.1.mlp.up_proj" in summary["rules"][0]["modules"]

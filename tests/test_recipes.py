@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from exporter.backends import get_backend
+from exporter.backends.base import check_recipe
 from exporter.errors import RecipeError, UsageError
 from exporter.recipe_io import apply_override, list_recipe_files, load_recipe, recipe_from_dict
 
@@ -16,7 +16,7 @@ def test_shipped_recipes_load():
     for path in list_recipe_files():
         recipe = load_recipe(path)
         assert recipe.target.name == path.stem.split("-")[0]  # the file name says the target
-        get_backend(recipe.target.name).validate(recipe)  # and that target accepts it
+        check_recipe(recipe)  # and that target accepts it
 
 
 def test_int4_recipe_rules_in_order():
@@ -40,7 +40,8 @@ def test_wrong_type_and_bad_value():
     with pytest.raises(RecipeError, match=r"quant\.rules\[0\]\.scheme: 'int3' is not a linear scheme"):
         recipe_from_dict({"name": "x", "quant": {"rules": [{"match": "*", "kind": "linear", "scheme": "int3"}]}})
     with pytest.raises(RecipeError, match=r"quant\.rules\[0\]\.group_size: 48 is not one of 32, 64, 128"):
-        recipe_from_dict({"name": "x", "quant": {"rules": [{"match": "*", "scheme": "int8_dynact_int4_weight", "group_size": 48}]}})
+        recipe_from_dict({"name": "x", "quant": {"rules": [{"match": "*", "scheme": "int8_dynact_int4_weight",
+                                                            "group_size": 48}]}})
     with pytest.raises(RecipeError, match=r"kv_cache\.max_prefill_len: must be between 1 and"):
         recipe_from_dict({"name": "x", "kv_cache": {"max_seq_len": 64, "max_prefill_len": 64}})
     with pytest.raises(RecipeError, match=r"recipe: missing required key name"):
@@ -49,7 +50,8 @@ def test_wrong_type_and_bad_value():
 
 def test_set_overrides_any_field():
     r = load_recipe("smollm2-135m/executorch-xnnpack-int4",
-                    ["kv_cache.max_seq_len=1024", "quant.rules.1.scheme=int8_dynact_int8_weight", "description=hello world"])
+                    ["kv_cache.max_seq_len=1024", "quant.rules.1.scheme=int8_dynact_int8_weight",
+                     "description=hello world"])
     assert r.kv_cache.max_seq_len == 1024
     assert r.quant.rules[1].scheme == "int8_dynact_int8_weight"
     assert r.description == "hello world"
@@ -88,30 +90,39 @@ def test_cli_bad_recipe_exit_code(cli, tmp_path):
 
 def test_target_options_belong_to_their_target():
     r = recipe_from_dict({"name": "x", "target": {"name": "coreml", "coreml": {"compute_units": "cpu_and_ne"}}})
-    assert r.target.coreml.compute_units == "cpu_and_ne"
-    with pytest.raises(RecipeError, match=r"target\.coreml: options of the coreml target, but target\.name is 'executorch'"):
+    assert r.target.options.compute_units == "cpu_and_ne"
+    with pytest.raises(RecipeError, match=r"target\.coreml: options of the coreml target, "
+                                          r"but target\.name is 'executorch'"):
         recipe_from_dict({"name": "x", "target": {"coreml": {"compute_units": "all"}}})
     with pytest.raises(RecipeError, match=r"target\.coreml\.compute_units: 'gpu' is not one of"):
         recipe_from_dict({"name": "x", "target": {"name": "coreml", "coreml": {"compute_units": "gpu"}}})
-    with pytest.raises(RecipeError, match=r"target\.executorch: options of the executorch target, but target\.name is 'onnx'"):
+    with pytest.raises(RecipeError, match=r"target\.executorch: options of the executorch target, "
+                                          r"but target\.name is 'onnx'"):
         recipe_from_dict({"name": "x", "target": {"name": "onnx", "executorch": {"fuse_projections": False}}})
-    assert not recipe_from_dict({"name": "x", "target": {"executorch": {"fuse_projections": False}}}).target.executorch.fuse_projections
+    assert not (recipe_from_dict({"name": "x", "target": {"executorch": {"fuse_projections": False}}})
+                .target.options.fuse_projections)
+    with pytest.raises(RecipeError, match=r"target\.backend: no longer a recipe field"):
+        recipe_from_dict({"name": "x", "target": {"name": "onnx", "backend": "cpu"}})
+    with pytest.raises(RecipeError, match=r"target\.onnx\.opst: unknown key; did you mean 'opset'\?"):
+        recipe_from_dict({"name": "x", "target": {"name": "onnx", "onnx": {"opst": 23}}})
 
 
 def test_executorch_refuses_weight_only_linear_and_asymmetric():
-    from exporter.backends import get_backend
     from exporter.errors import UnsupportedError
 
-    backend = get_backend("executorch")
-    for rule, message in (({"scheme": "int4_weight"}, "weight-only int4 linear"),
-                          ({"scheme": "int8_weight"}, "weight-only int8 linear"),
-                          ({"scheme": "int8_dynact_int8_weight", "symmetric": False}, "only int8_dynact_int4_weight can be asymmetric"),
-                          ({"scheme": "int4_weight", "kind": "embedding", "symmetric": False}, "only int8_dynact_int4_weight")):
+    asymmetric = (r"symmetric: asymmetric \S+ is not supported by the executorch target; "
+                  r".*asymmetric here: int8_dynact_int4_weight")
+    for rule, message in (({"scheme": "int4_weight"},
+                           "int4_weight for linear layers .weight-only int4 linears are not correct"),
+                          ({"scheme": "int8_weight"},
+                           "int8_weight for linear layers .weight-only int8 linears are not correct"),
+                          ({"scheme": "int8_dynact_int8_weight", "symmetric": False}, asymmetric),
+                          ({"scheme": "int4_weight", "kind": "embedding", "symmetric": False}, asymmetric)):
         recipe = recipe_from_dict({"name": "x", "quant": {"rules": [{"match": "*", "kind": "linear", **rule}]}})
         with pytest.raises(UnsupportedError, match=message):
-            backend.validate(recipe)
+            check_recipe(recipe)
     # int4 linears carry their zero points as group offsets (GroupOffsetLinear).
-    backend.validate(recipe_from_dict({"name": "x", "quant": {"rules": [
+    check_recipe(recipe_from_dict({"name": "x", "quant": {"rules": [
         {"match": "*", "kind": "linear", "scheme": "int8_dynact_int4_weight", "symmetric": False}]}}))
 
 
@@ -119,10 +130,10 @@ def test_executorch_refuses_weight_only_linear_and_asymmetric():
                                    "[quant.tuning]\nsteps = 2"])
 def test_missing_calibration_file_is_one_line_before_any_work(cli, tiny_checkpoints, tmp_path, table):
     """Every table that reads calibration text checks its file before the export starts
-    (pipeline._with_absolute_calibration)."""
+    (quant.calibration.with_absolute_calibration)."""
     from conftest import quant_rules, write_recipe
 
-    extra = ('[target]\nname = "onnx"\nbackend = "cpu"\n' + quant_rules("int4_weight", embedding="int4_weight")
+    extra = ('[target]\nname = "onnx"\n' + quant_rules("int4_weight", embedding="int4_weight")
              + f'{table}\ncalibration = "{tmp_path / "none.txt"}"\n')
     recipe = write_recipe(tmp_path / "r.toml", "x", extra)
     code, _, err = cli("export", recipe, "--model", tiny_checkpoints["qwen3"], "--out", tmp_path / "art")

@@ -10,9 +10,10 @@ from exporter.decoder import build_decoder
 from exporter.errors import RecipeError, UsageError
 from exporter.kv_cache import load_custom_ops
 from exporter.load import load_model
+from exporter.quant.calibration import calibration_samples, calibration_texts
+from exporter.quant.smoothing import activation_absmax, smooth_decoder
 from exporter.recipe_io import recipe_from_dict
 from exporter.runners import EagerRunner
-from exporter.smoothing import activation_absmax, calibration_samples, calibration_texts, smooth_decoder
 from exporter.spec import QuantRule, QuantSpec, SmoothingSpec
 
 TOKENS = [5, 17, 33, 60, 100, 7, 9, 12, 250, 31, 2, 44]
@@ -41,7 +42,8 @@ def _plant_outliers(model) -> None:
     30x smaller in the weights: the same function, with the outliers real models have."""
     with torch.no_grad():
         for layer in model.model.layers:
-            for norm, linears in ((layer.input_layernorm, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            for norm, linears in ((layer.input_layernorm,
+                                   ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
                                   (layer.post_attention_layernorm, ("mlp.gate_proj", "mlp.up_proj"))):
                 norm.weight[:3] *= 30.0
                 for name in linears:
@@ -62,7 +64,7 @@ def test_smoothing_keeps_the_float_function(tiny_checkpoints, arch):
 def test_group_smoothing_keeps_4bit_grids(tiny_checkpoints):
     """With one factor per group of 32 input channels, weights on a Q4_1-style grid per group
     stay on one (asymmetric int4 groups then reproduce them); per-channel factors scatter them."""
-    from exporter.quantize import int4_group_offsets
+    from exporter.backends.executorch.quantizer import int4_group_offsets
 
     loaded, lm = _decoder(tiny_checkpoints["llama"])
     _plant_outliers(lm)
@@ -95,7 +97,7 @@ def test_group_smoothing_keeps_4bit_grids(tiny_checkpoints):
 
 
 def test_smoothing_reduces_dynamic_activation_error(tiny_checkpoints):
-    from exporter.quantize import apply_quantization, materialize_for_eager
+    from exporter.backends.executorch.quantizer import apply_quantization, materialize_for_eager
 
     loaded, reference = _decoder(tiny_checkpoints["llama"])
     _plant_outliers(reference)

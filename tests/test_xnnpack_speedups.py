@@ -6,11 +6,11 @@ import hashlib
 
 import pytest
 
-from exporter.backends.executorch import ExecuTorchBackend
+from exporter.backends.executorch.program import lower_to_pte
+from exporter.backends.executorch.quantizer import apply_quantization, round_group_scales
 from exporter.decoder import build_decoder
 from exporter.kv_cache import load_custom_ops
 from exporter.load import load_model
-from exporter.quantize import apply_quantization, round_group_scales
 from exporter.spec import QuantRule, QuantSpec
 
 RULES = QuantSpec(rules=(
@@ -32,6 +32,6 @@ def test_fast_lowering_is_byte_identical(tiny_checkpoints, tmp_path, arch):
         round_group_scales(lm, torch.bfloat16)
         out = tmp_path / f"fast-{fast}"
         out.mkdir()
-        ExecuTorchBackend().lower(lm, metadata={"get_max_seq_len": 64}, out_dir=out, on_stage=lambda s: None, fast=fast)
+        lower_to_pte(lm, constants={"get_max_seq_len": 64}, out_dir=out, on_stage=lambda s: None, fast=fast)
         digests[fast] = hashlib.sha256((out / "model.pte").read_bytes()).hexdigest()
     assert digests[True] == digests[False]

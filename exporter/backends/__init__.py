@@ -1,19 +1,8 @@
-"""Target registry: one module per target, imported only when that target is used.
+"""Target registry: one package per target, imported only when that target is named.
 
-Each backend module defines a class with:
-- ``name``, ``extra`` (the pip extra that installs its runtime);
-- ``validate(recipe)``: refuse, with UnsupportedError, what the target cannot run correctly;
-- ``eager_kv_cache(recipe) -> (attention, cache_update)``: the eager attention of the reference;
-- ``quantize(lm, quant_spec) -> QuantSummary``: quantize the decoder in place so that it
-  computes with exactly the weights the artifact will store (the lowering reference);
-- ``lower(lm, metadata=, out_dir=, on_stage=) -> {"roles": {...}, "timings": {...}}``;
-- ``runtime_name()``, ``load_runner(artifact)`` (a runners.Runner), ``shipped_tokenizer(artifact)``
-  -> (encode, decode), ``open_bench_session(artifact, threads=)``: an object with ``threads``,
-  ``load_ms``, ``encode``/``decode`` (its runtime's tokenizer) and ``run(text, max_new_tokens=)``
-  (see bench.py).
-Heavy imports (executorch, coremltools, onnxruntime) happen inside those methods so that
-`recgpt-export --help` stays fast and a missing runtime is an error naming the extra, not
-an ImportError at start-up.
+A target is ``exporter/backends/<name>/`` with a ``Backend`` subclass (the contract, and
+``check_recipe``, are in ``backends/base.py``) and one ``register`` line below. Nothing
+outside this file lists the targets: messages that name them ask the registry.
 """
 
 from __future__ import annotations
@@ -36,15 +25,25 @@ def known_targets() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_backend(name: str):
+def backend_class(name: str):
+    """The Backend subclass registered as ``name`` (cheap: no runtime is imported)."""
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise RecipeError(f"target.name: unknown target {name!r}{hint} (known: {', '.join(known_targets())})")
     module_name, _, class_name = _REGISTRY[name].partition(":")
-    return getattr(importlib.import_module(module_name), class_name)()
+    return getattr(importlib.import_module(module_name), class_name)
 
 
-register("executorch", "exporter.backends.executorch:ExecuTorchBackend")
-register("onnx", "exporter.backends.onnx:OnnxBackend")
-register("coreml", "exporter.backends.coreml:CoreMLBackend")
+def get_backend(name: str):
+    return backend_class(name)()
+
+
+def targets_with(capability: str) -> list[str]:
+    """The registered targets that declare ``capability`` (a Capabilities field)."""
+    return [name for name in known_targets() if getattr(backend_class(name).capabilities, capability)]
+
+
+register("executorch", "exporter.backends.executorch.backend:ExecuTorchBackend")
+register("onnx", "exporter.backends.onnx.backend:OnnxBackend")
+register("coreml", "exporter.backends.coreml.backend:CoreMLBackend")

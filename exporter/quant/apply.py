@@ -1,0 +1,97 @@
+"""The quantization stage: the float decoder made into what a target stores.
+
+In order: the tuning's float targets (before anything changes the decoder), smoothing, the
+lm_head split, the scale search's calibration, the backend's own quantizer (it stores the
+weights its way and the decoder then computes with exactly those), and the end-to-end
+tuning of the stored float parameters. Which of these a target takes is declared in its
+backend's capabilities and checked before any work (backends/base.check_recipe).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from torch import nn
+
+from exporter.quant.plan import Quantized
+from exporter.spec import ExportRecipe, QuantSpec
+
+Progress = Callable[[str], None]
+
+
+class Quantizer(Protocol):
+    """What this stage needs of a target (backends/base.Backend provides it)."""
+
+    def eager_attention(self, recipe: ExportRecipe) -> tuple[str, str]: ...
+
+    def quantize(self, lm: nn.Module, quant: QuantSpec, options: Any, *,
+                 grams: Mapping[str, Any] | None = None) -> Quantized: ...
+
+    def tunables(self, lm: nn.Module, quantized: Quantized) -> list: ...
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def float_decoder(hf_model, recipe: ExportRecipe, backend: Quantizer):
+    """The float StaticCacheLM with the recipe's cache and the backend's eager attention."""
+    from exporter.decoder import build_decoder
+    from exporter.kv_cache import load_custom_ops
+
+    attention, cache_update = backend.eager_attention(recipe)
+    if attention == "custom_sdpa" or cache_update == "custom":
+        load_custom_ops()
+    return build_decoder(hf_model, max_seq_len=recipe.kv_cache.max_seq_len,
+                         max_prefill_len=recipe.kv_cache.max_prefill_len,
+                         attention=attention, cache_update=cache_update)
+
+
+def build_quantized(loaded, recipe: ExportRecipe, backend: Quantizer):
+    """The decoder with the recipe's cache and quantization applied, as the backend will
+    store it, and the ``Quantized`` record."""
+    lm = float_decoder(loaded.model, recipe, backend)
+    return lm, quantize_decoder(lm, loaded.tokenizer, recipe, backend)
+
+
+def quantize_decoder(lm, tokenizer, recipe: ExportRecipe, backend: Quantizer,
+                     progress: Progress = _quiet) -> Quantized:
+    """Smooth, split the lm_head, quantize and tune ``lm`` in place."""
+    quant = recipe.quant
+    tuning = quant.tuning
+    if tuning.steps:
+        from exporter.quant.calibration import calibration_samples, calibration_texts
+        from exporter.quant.tuning import continued_samples, float_log_probs
+
+        tuning_samples = calibration_samples(lm, tokenizer, calibration_texts(tuning, "quant.tuning.calibration"))
+        if tuning.generated_tokens:
+            progress(f"tune: the float model continues {len(tuning_samples)} calibration texts")
+            end = {tokenizer.eos_token_id} - {None}
+            tuning_samples = continued_samples(lm, tuning_samples, tuning.generated_tokens, end)
+        tuning_targets = float_log_probs(lm, tuning_samples)  # from the float decoder, before anything changes it
+    smoothing = None
+    if quant.smoothing.alpha > 0:
+        from exporter.quant.smoothing import smooth_for_quantization
+
+        smoothing = smooth_for_quantization(lm, tokenizer, quant.smoothing)
+    if quant.lm_head_split:
+        from exporter.decoder import split_lm_head
+
+        split_lm_head(lm, quant.lm_head_split)  # after smoothing, which scales the whole lm_head
+    grams, scale_search = None, None
+    if quant.scale_search.method == "activation":
+        from exporter.quant.block_search import calibrate
+
+        # On the smoothed weights' inputs: those are what the quantized layers will see.
+        grams, scale_search = calibrate(lm, tokenizer, quant)
+    quantized = backend.quantize(lm, quant, recipe.target.options, grams=grams)
+    summary = quantized.summary
+    summary.scale_search = scale_search
+    summary.smoothing = smoothing
+    if tuning.steps:
+        from exporter.quant.tuning import tune
+
+        summary.tuning = tune(lm, backend.tunables(lm, quantized), tuning_samples, tuning_targets, tuning,
+                              on_step=progress)
+    return quantized

@@ -1,0 +1,143 @@
+"""parity.json and bench.json as typed records (written and read through exporter/records.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from exporter.records import omitted_when_none
+
+PARITY_FILE = "parity.json"
+BENCH_FILE = "bench.json"
+
+
+# -- parity -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class FloorSample:
+    max_abs_diff: float
+    cosine_min: float
+    top1_agreement: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoiseFloor(FloorSample):
+    """The reference against itself, slightly perturbed: each metric's median over draws."""
+
+    perturbations: tuple[float, ...]
+    factor: float
+    samples: tuple[FloorSample, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoweringMetrics:
+    """Artifact vs the quantized eager model, teacher-forced."""
+
+    max_abs_diff: float
+    cosine_min: float
+    top1_agreement: float
+    positions: int
+    noise_floor: NoiseFloor | None = omitted_when_none()
+
+
+@dataclass(frozen=True, kw_only=True)
+class QualityMetrics:
+    """Artifact vs the float model: KL(float || artifact), top-1, perplexity on held-out text."""
+
+    kl_mean: float
+    kl_p99: float
+    kl_max: float
+    top1_agreement: float
+    positions: int
+    ppl_reference: float | None = None
+    ppl_candidate: float | None = None
+    heldout_tokens: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class GreedyMetrics:
+    exact_match_rate: float
+    first_divergence_min: int
+    token_match_rate: float
+    tokens_per_prompt: int
+    prompts: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizerReport:
+    texts: int
+    mismatches: int
+    examples: tuple[dict[str, Any], ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Compared:
+    candidate: str
+    lowering_reference: str
+    quality_reference: str
+    prompts: int
+    decode_steps: int
+    device: str = "host"
+    runtime: str = ""
+    environment: dict[str, Any] = field(default_factory=dict)
+    artifact: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParityReport:
+    passed: bool
+    failures: tuple[str, ...]
+    lowering: LoweringMetrics
+    quality: QualityMetrics
+    greedy: GreedyMetrics
+    tokenizer: TokenizerReport
+    compared: Compared
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+# -- bench ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Spread:
+    median: float
+    min: float
+    max: float
+    runs: int
+    samples: tuple[float, ...]
+
+    @classmethod
+    def of(cls, samples: list[float]) -> Spread:
+        import statistics
+
+        return cls(median=statistics.median(samples), min=min(samples), max=max(samples), runs=len(samples),
+                   samples=tuple(samples))
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrefillCase:
+    prompt_tokens: int
+    prefill_tok_s: Spread
+    ttft_ms: Spread
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchReport:
+    artifact: str
+    device: str
+    runtime: str
+    threads: int
+    prefill: dict[str, PrefillCase]  # by requested prompt length
+    decode_tok_s: Spread
+    decode_tokens: int
+    decode_cpu_s: Spread  # CPU time beside wall time: a busy neighbour shows as cpu/wall < threads
+    decode_wall_s: Spread
+    load_ms: float
+    peak_rss_mb: float
+    baseline_rss_mb: float
+    artifact_mb: float
+    bytes_per_decoded_token: int
+    environment: dict[str, Any]
+    prefill_tok_s: Spread  # at the longest prompt length
+    ttft_ms: Spread
