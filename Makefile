@@ -8,7 +8,7 @@ DEMO_OUT ?= out/demo-smollm2-int4
 DEMO_ONNX_RECIPE ?= smollm2-135m/onnx-int4
 DEMO_ONNX_OUT ?= out/demo-smollm2-onnx-int4
 
-.PHONY: demo test venv clean
+.PHONY: demo test device-test venv clean
 
 venv: $(STAMP)
 
@@ -41,6 +41,12 @@ test: venv
 	# Lint first (ruff, line length 119; pyproject.toml): seconds, and a finding fails the run.
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
+
+# The device suite (not part of make test): sets the ARM64 emulator up (apt packages, the
+# aarch64 executorch wheel, the cross-compiled runner; seconds once built), then runs it.
+device-test: venv
+	$(VENV)/bin/recgpt-export device setup arm64-emu
+	$(PY) -m pytest -q device_tests
 
 clean:
 	rm -rf $(VENV) out

@@ -36,32 +36,19 @@ def prompt_text(encode, decode, length: int) -> str:
 
 
 def run_bench(artifact, backend, spec, device: Device, *, progress=lambda s: None) -> BenchReport:
-    """Launch the worker on ``device``, collect its samples, and build the report."""
-    progress(f"benchmark in a worker process ({spec.warmup} warm-up + {spec.runs} runs per case, "
-             f"{spec.threads} threads)")
-    folder = device.push(artifact.path)
-    # The runner prints generated text on stdout, so the worker reports through a file.
-    scratch = Path(tempfile.mkdtemp(prefix="recgpt-bench-"))
-    result_file = scratch / "result.json"
-    cmd = [*device.python(), "-m", "exporter.bench", str(folder), str(result_file), json.dumps({
-        "warmup": spec.warmup, "runs": spec.runs, "prompt_lengths": list(spec.prompt_lengths),
-        "decode_tokens": spec.decode_tokens, "threads": spec.threads})]
-    package_root = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    try:
-        proc = device.run(cmd, env=env)
-        if proc.returncode != 0 or not result_file.is_file():
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise StageError(f"benchmark worker failed: {tail}", stage="bench", target=backend.name)
-        raw = json.loads(device.pull(result_file, scratch / "pulled.json").read_text())
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    """Measure on ``device``: in a fresh worker process where the device runs this tool's
+    Python, else through the backend's native runner there; then build the report."""
+    info = device.describe()
+    if device.python() is None:
+        raw, info = _native_measurements(artifact, backend, spec, device, progress)
+    else:
+        raw = _worker_measurements(artifact, backend, spec, device, progress)
     manifest = artifact.manifest
     prefill = {str(n): PrefillCase(prompt_tokens=case["prompt_tokens"], prefill_tok_s=Spread.of(case["prefill_tok_s"]),
                                    ttft_ms=Spread.of(case["ttft_ms"])) for n, case in raw["prefill"].items()}
     longest = prefill[str(max(spec.prompt_lengths))]
     return BenchReport(
-        artifact=manifest.name, device=device.describe().label, runtime=backend.runtime_name(),
+        artifact=manifest.name, device=info.label, runtime=info.runtime or backend.runtime_name(),
         threads=raw["threads"], prefill=prefill,
         decode_tok_s=Spread.of(raw["decode"]["decode_tok_s"]), decode_tokens=raw["decode"]["generated"],
         decode_cpu_s=Spread.of(raw["decode"]["cpu_s"]), decode_wall_s=Spread.of(raw["decode"]["wall_s"]),
@@ -69,7 +56,74 @@ def run_bench(artifact, backend, spec, device: Device, *, progress=lambda s: Non
         artifact_mb=sum(entry.bytes for entry in manifest.files.values()) / 1e6,
         bytes_per_decoded_token=bytes_per_decoded_token(manifest),
         environment=art.environment(), prefill_tok_s=longest.prefill_tok_s, ttft_ms=longest.ttft_ms,
+        device_facts=info,
     )
+
+
+def _worker_measurements(artifact, backend, spec, device: Device, progress) -> dict:
+    progress(f"benchmark in a worker process ({spec.warmup} warm-up + {spec.runs} runs per case, "
+             f"{spec.threads} threads)")
+    folder = device.push(artifact.path)
+    # The runner prints generated text on stdout, so the worker reports through a file.
+    scratch = Path(tempfile.mkdtemp(prefix="recgpt-bench-"))
+    result_file = scratch / "result.json"
+    cmd = [*device.python(), "-m", "exporter.bench", str(folder), str(result_file), json.dumps(_spec_dict(spec))]
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    try:
+        proc = device.run(cmd, env=env)
+        if proc.returncode != 0 or not result_file.is_file():
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise StageError(f"benchmark worker failed: {tail}", stage="bench", target=backend.name)
+        return json.loads(device.pull(result_file, scratch / "pulled.json").read_text())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _native_measurements(artifact, backend, spec, device: Device, progress):
+    """The device times prefill and decode inside its native runner; peak RSS and CPU time are
+    the runner process's (under emulation, the emulator's: relative figures only)."""
+    from dataclasses import replace
+
+    from exporter.devices.native import NativeBenchSession, open_native_runner
+
+    progress(f"benchmark on {device.kind} through the {backend.name} native runner "
+             f"({spec.warmup} warm-up + {spec.runs} runs per case, {spec.threads} threads)")
+    runner, info = open_native_runner(device, backend, artifact, threads=spec.threads)
+    try:
+        encode, decode = backend.shipped_tokenizer(artifact)  # on the host: the runner takes token ids
+        raw = measure(NativeBenchSession(runner, encode, decode), _spec_dict(spec), progress)
+        raw.update(baseline_rss_mb=0.0, peak_rss_mb=runner.peak_rss_mb())
+    finally:
+        runner.close()
+    return raw, replace(info, features=runner.features)
+
+
+def _spec_dict(spec) -> dict:
+    return {"warmup": spec.warmup, "runs": spec.runs, "prompt_lengths": list(spec.prompt_lengths),
+            "decode_tokens": spec.decode_tokens, "threads": spec.threads}
+
+
+def measure(session, spec: dict, progress=lambda s: None) -> dict:
+    """The timed cases over a bench session: prefill at each prompt length, then decode."""
+    encode, decode = session.encode, session.decode
+    out = {"load_ms": session.load_ms, "threads": session.threads, "prefill": {}}
+    for length in spec["prompt_lengths"]:
+        progress(f"prefill {length} tokens")
+        text = prompt_text(encode, decode, length)
+        samples = [session.run(text, max_new_tokens=1) for _ in range(spec["warmup"] + spec["runs"])][spec["warmup"]:]
+        out["prefill"][length] = {"prompt_tokens": samples[-1].prompt_tokens,
+                                  "prefill_tok_s": [s.prefill_tok_s for s in samples],
+                                  "ttft_ms": [s.ttft_ms for s in samples]}
+    progress(f"decode {spec['decode_tokens']} tokens")
+    text = prompt_text(encode, decode, 16)
+    samples = [session.run(text, max_new_tokens=spec["decode_tokens"])
+               for _ in range(spec["warmup"] + spec["runs"])][spec["warmup"]:]
+    out["decode"] = {"decode_tok_s": [s.decode_tok_s for s in samples],
+                     "cpu_s": [s.cpu_s for s in samples],
+                     "wall_s": [s.wall_s for s in samples],
+                     "generated": min(s.generated for s in samples)}
+    return out
 
 
 def bytes_per_decoded_token(manifest: ArtifactManifest) -> int:
@@ -103,24 +157,10 @@ def _worker(folder: str, result_path: str, spec_json: str) -> None:
     backend = get_backend(artifact.target)
     baseline = _rss_mb()
     session = backend.open_bench_session(artifact, threads=spec["threads"])
-    load_ms = session.load_ms
     # The session's own tokenizer: a second one could load the model again (onnxruntime-genai's
     # tokenizer needs a Model) and count it in peak RSS.
-    encode, decode = session.encode, session.decode
-    out = {"load_ms": load_ms, "baseline_rss_mb": baseline, "threads": session.threads, "prefill": {}}
-    for length in spec["prompt_lengths"]:
-        text = prompt_text(encode, decode, length)
-        samples = [session.run(text, max_new_tokens=1) for _ in range(spec["warmup"] + spec["runs"])][spec["warmup"]:]
-        out["prefill"][length] = {"prompt_tokens": samples[-1].prompt_tokens,
-                                  "prefill_tok_s": [s.prefill_tok_s for s in samples],
-                                  "ttft_ms": [s.ttft_ms for s in samples]}
-    text = prompt_text(encode, decode, 16)
-    samples = [session.run(text, max_new_tokens=spec["decode_tokens"])
-               for _ in range(spec["warmup"] + spec["runs"])][spec["warmup"]:]
-    out["decode"] = {"decode_tok_s": [s.decode_tok_s for s in samples],
-                     "cpu_s": [s.cpu_s for s in samples],
-                     "wall_s": [s.wall_s for s in samples],
-                     "generated": min(s.generated for s in samples)}
+    out = measure(session, spec)
+    out["baseline_rss_mb"] = baseline
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
     Path(result_path).write_text(json.dumps(out))
 

@@ -26,6 +26,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Export a trained causal LM to on-device formats and prove the artifact still works.")
 recipes_app = typer.Typer(no_args_is_help=True, help="List and show the shipped recipes.")
 app.add_typer(recipes_app, name="recipes")
+device_app = typer.Typer(no_args_is_help=True, help="Set up, list and remove the devices verify and bench can run on.")
+app.add_typer(device_app, name="device")
 
 out_console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # one error, one line
@@ -34,6 +36,8 @@ _state = {"debug": False}
 ArtifactDir = Annotated[Path, typer.Argument(help="An artifact folder written by `recgpt-export export`.")]
 JsonFlag = Annotated[bool, typer.Option("--json",
                                         help="Print the report as JSON (the same JSON written to the file).")]
+DeviceOpt = Annotated[str, typer.Option("--device", "-d", help="Where the artifact runs: host, or arm64-emu "
+                                                             "(after `recgpt-export device setup arm64-emu`).")]
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m",
                                               help="Checkpoint folder, .gguf file or builtin:NAME; "
                                                    "default: the recipe's model.source.")]
@@ -123,15 +127,26 @@ def export(
 
 
 @app.command()
-def verify(folder: ArtifactDir, model: ModelOpt = None, json_: JsonFlag = False) -> None:
+def verify(
+    folder: ArtifactDir, model: ModelOpt = None, json_: JsonFlag = False, device: DeviceOpt = "host",
+    prompts: Annotated[int | None, typer.Option(help="Prompts to score "
+                                                     "(default: the recipe's parity.prompts).")] = None,
+    decode_steps: Annotated[int | None, typer.Option(help="Teacher-forced steps per prompt "
+                                                          "(default: the recipe's parity.decode_steps).")] = None,
+    greedy_tokens: Annotated[int | None, typer.Option(help="Free-running greedy tokens per prompt "
+                                                           "(default: the recipe's parity.greedy_tokens).")] = None,
+) -> None:
     """Check parity (tokenizer, lowering, quality, greedy); write DIR/parity.json. Exit 1 if a gate fails.
 
     Recipes that quantize activations at run time also get the reference's own noise floor
-    measured, and lowering is judged against it (docs/parity.md)."""
+    measured, and lowering is judged against it (docs/parity.md). On a device the artifact
+    runs there and is also compared with its own host run (device_vs_host); an emulator is
+    slow, so give it a smaller budget (--prompts 2 --decode-steps 8 --greedy-tokens 8)."""
     from exporter.pipeline import verify as do_verify
     from exporter.records import to_json
 
-    report = run(lambda: do_verify(folder, model=model, progress=StageProgress()))
+    report = run(lambda: do_verify(folder, model=model, device=device, prompts=prompts, decode_steps=decode_steps,
+                                   greedy_tokens=greedy_tokens, progress=StageProgress()))
     if json_:
         out_console.print_json(json.dumps(to_json(report)))
     else:
@@ -145,10 +160,12 @@ def render_parity(report) -> None:
     from exporter.reports import NoiseFloor
 
     compared = report.compared
-    table = Table(title=f"parity: {compared.artifact} on {compared.runtime}")
+    on = f" on {report.device_facts.label}" if report.device_vs_host is not None else ""
+    table = Table(title=f"parity: {compared.artifact} on {compared.runtime}{on}")
     for col in ("check", "metric", "value"):
         table.add_column(col)
-    for section in ("lowering", "quality", "greedy", "tokenizer"):
+    sections = ("lowering", "quality", "greedy", "tokenizer") + (("device_vs_host",) if report.device_vs_host else ())
+    for section in sections:
         metrics = getattr(report, section)
         for f in fields(metrics):
             value = getattr(metrics, f.name)
@@ -171,12 +188,17 @@ def bench(
     runs: Annotated[int | None, typer.Option(help="Timed runs per case (default: the recipe's bench.runs).")] = None,
     warmup: Annotated[int | None, typer.Option(help="Warm-up runs per case.")] = None,
     threads: Annotated[int | None, typer.Option(help="Runtime threads.")] = None,
+    device: DeviceOpt = "host",
 ) -> None:
-    """Measure prefill, TTFT, decode tok/s, load time and peak RSS; write DIR/bench.json."""
+    """Measure prefill, TTFT, decode tok/s, load time and peak RSS; write DIR/bench.json.
+
+    On an emulated device the figures are marked emulated: relative numbers only, nothing
+    a phone would show."""
     from exporter.pipeline import bench as do_bench
     from exporter.records import to_json
 
-    report = run(lambda: do_bench(folder, runs=runs, warmup=warmup, threads=threads, progress=StageProgress()))
+    report = run(lambda: do_bench(folder, runs=runs, warmup=warmup, threads=threads, device=device,
+                                  progress=StageProgress()))
     if json_:
         out_console.print_json(json.dumps(to_json(report)))
         return
@@ -269,6 +291,62 @@ def recipes_show(
     from exporter.recipe_io import load_recipe, recipe_to_dict
 
     out_console.print_json(json.dumps(recipe_to_dict(run(lambda: load_recipe(recipe, set_ or [])))))
+
+
+@device_app.command("setup")
+def device_setup(
+    kind: Annotated[str, typer.Argument(help="The device to build: arm64-emu.")],
+    directory: Annotated[Path | None, typer.Option(
+        "--dir", help="Folder of device environments (default: $RECGPT_DEVICES_DIR, else "
+                      "~/.cache/recgpt-export/devices); later commands read $RECGPT_DEVICES_DIR.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even when it is up to date.")] = False,
+) -> None:
+    """Build a device's environment once (minutes; from Debian packages and PyPI wheels, no hub)."""
+    from exporter.devices import arm64_emu
+    from exporter.errors import UsageError
+
+    def go():
+        if kind != arm64_emu.KIND:
+            raise UsageError(f"no setup for device {kind!r}", hint=f"set up {arm64_emu.KIND}")
+        root = directory / kind if directory else None
+        arm64_emu.setup(root, progress=StageProgress(), force=force)
+
+    run(go)
+
+
+@device_app.command("list")
+def device_list() -> None:
+    """The devices verify and bench can use here, with arch, runners and runtime versions."""
+    from exporter.devices import arm64_emu
+    from exporter.devices.host import HostDevice
+
+    table = Table()
+    for col in ("device", "arch", "state", "runners"):
+        table.add_column(col)
+    host = HostDevice().describe()
+    table.add_row("host", host.arch, f"ready; CPU features: {' '.join(host.features) or 'unknown'}", "in-process")
+    state = arm64_emu.status()
+    if state is None:
+        table.add_row(arm64_emu.KIND, "aarch64", "not set up (recgpt-export device setup arm64-emu)", "-")
+    else:
+        runners = ", ".join(f"{t}: {r['runtime']}" for t, r in state["runners"].items())
+        table.add_row(arm64_emu.KIND, "aarch64", f"ready, emulated ({state['qemu']})", runners)
+    out_console.print(table)
+
+
+@device_app.command("remove")
+def device_remove(kind: Annotated[str, typer.Argument(help="The device to remove: arm64-emu.")]) -> None:
+    """Delete a device's environment (what `device setup` built)."""
+    from exporter.devices import arm64_emu
+    from exporter.errors import UsageError
+
+    def go():
+        if kind != arm64_emu.KIND:
+            raise UsageError(f"no device {kind!r} to remove", hint=f"the removable device is {arm64_emu.KIND}")
+        removed = arm64_emu.remove()
+        out_console.print(f"removed {kind}" if removed else f"{kind} was not set up")
+
+    run(go)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -93,26 +93,35 @@ def first_divergence(a: Sequence[int], b: Sequence[int]) -> int:
 def check_parity(*, candidate: Runner, quantized_reference: Runner, float_reference: Runner,
                  prompts: Sequence[Sequence[int]], heldout: Sequence[int], tokenizer_report: TokenizerReport,
                  spec: ParitySpec, eos_ids: set[int], on_step: Callable[[str], None] = lambda s: None,
-                 noise_references: Sequence[PerturbedRunner] = ()) -> ParityReport:
+                 noise_references: Sequence[PerturbedRunner] = (),
+                 host_candidate: Runner | None = None) -> ParityReport:
     """``noise_references``: the quantized reference slightly perturbed, each a different way
     (runners.PerturbedRunner); when given, their median distance from the reference is
-    reported as the lowering noise floor (noise_floor)."""
-    cand_rows, quant_rows, float_rows = [], [], []
+    reported as the lowering noise floor (noise_floor). ``host_candidate``: the same artifact
+    on the host, when ``candidate`` runs on a device: scored on the same tokens and reported as
+    ``device_vs_host``."""
+    cand_rows, quant_rows, float_rows, host_rows = [], [], [], []
     noise_rows: list[list[np.ndarray]] = [[] for _ in noise_references]
     greedy_exact, greedy_first, greedy_token_match = [], [], []
     for i, prompt in enumerate(prompts):
         on_step(f"prompt {i + 1}/{len(prompts)}")
         # The float model's greedy tokens (EOS not honoured) drive every teacher-forced run.
         # Its logits along the way are its teacher-forced ones for that continuation.
+        # Enough of them for the greedy check too (a budget with fewer decode steps than
+        # greedy tokens would otherwise compare a full greedy run with a shorter expectation).
         steps = spec.decode_steps + 1
         seen: list[np.ndarray] = []
-        continuation = greedy(float_reference, list(prompt), steps, eos_ids=set(), logits_seen=seen)
+        continuation = greedy(float_reference, list(prompt), max(steps, spec.greedy_tokens), eos_ids=set(),
+                              logits_seen=seen)
+        expected = _until_eos(continuation, eos_ids)[: spec.greedy_tokens]
+        continuation, seen = continuation[:steps], seen[:steps]
         float_rows.append(np.stack(seen))
         quant_rows.append(teacher_forced_logits(quantized_reference, prompt, continuation))
         cand_rows.append(teacher_forced_logits(candidate, prompt, continuation))
+        if host_candidate is not None:
+            host_rows.append(teacher_forced_logits(host_candidate, prompt, continuation))
         for rows, noisy in zip(noise_rows, noise_references, strict=True):
             rows.append(teacher_forced_logits(noisy, prompt, continuation))
-        expected = _until_eos(continuation, eos_ids)[: spec.greedy_tokens]
         produced = greedy(candidate, list(prompt), spec.greedy_tokens, eos_ids)
         greedy_exact.append(produced == expected)
         greedy_first.append(first_divergence(produced, expected))
@@ -137,7 +146,8 @@ def check_parity(*, candidate: Runner, quantized_reference: Runner, float_refere
                         greedy=greedy_report, tokenizer=tokenizer_report,
                         compared=Compared(candidate=candidate.name, lowering_reference=quantized_reference.name,
                                           quality_reference=float_reference.name, prompts=len(prompts),
-                                          decode_steps=spec.decode_steps))
+                                          decode_steps=spec.decode_steps),
+                        device_vs_host=lowering_metrics(cand, np.concatenate(host_rows)) if host_rows else None)
 
 
 FLOOR_METRICS = ("max_abs_diff", "cosine_min", "top1_agreement")
@@ -242,7 +252,7 @@ def parity_prompts(tokenizer, spec: ParitySpec, max_seq_len: int) -> tuple[list[
     the decode steps) and the held-out text perplexity is measured on."""
     from exporter.prompts import BEHAVIOUR_PROMPTS, HELDOUT_TEXT
 
-    room = max_seq_len - spec.decode_steps - 2
+    room = max_seq_len - max(spec.decode_steps + 1, spec.greedy_tokens) - 1  # the longest run still fits
     texts = [BEHAVIOUR_PROMPTS[i % len(BEHAVIOUR_PROMPTS)] for i in range(spec.prompts)]
     prompts = [tokenizer.encode(text, add_special_tokens=False)[:room] for text in texts]
     heldout = tokenizer.encode(HELDOUT_TEXT, add_special_tokens=False)[: min(128, max_seq_len)]

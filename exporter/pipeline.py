@@ -16,7 +16,7 @@ from pathlib import Path
 from exporter import artifact as art
 from exporter.backends import get_backend
 from exporter.backends.base import check_recipe
-from exporter.devices import get_device
+from exporter.devices import Device, get_device
 from exporter.errors import ArtifactError, RecgptError, StageError, UsageError
 from exporter.manifest import MANIFEST_VERSION, ArtifactManifest, ModelFacts, TargetFacts
 from exporter.memory import release_memory
@@ -113,19 +113,30 @@ def recipe_of(artifact) -> ExportRecipe:
     return recipe_from_dict(artifact.manifest.recipe)
 
 
-def verify(folder: Path, *, model: str | None = None, device: str = "host",
+def verify(folder: Path, *, model: str | None = None, device: str | Device = "host", prompts: int | None = None,
+           decode_steps: int | None = None, greedy_tokens: int | None = None,
            progress: Progress = _quiet) -> ParityReport:
-    """Run every parity check on an artifact; write DIR/parity.json and return the report."""
+    """Run every parity check on an artifact; write DIR/parity.json and return the report.
+
+    ``device``: where the artifact runs (exporter/devices). A device without this tool's
+    Python runs it through the backend's native runner, and the report adds the same
+    artifact's host run (``device_vs_host``). ``prompts`` / ``decode_steps`` / ``greedy_tokens`` override the
+    recipe's parity budget (an emulator is slow); the report records what ran."""
     from exporter.load import load_model, weights_digest
     from exporter.parity import check_parity, noise_references, parity_prompts, tokenizer_parity
     from exporter.prompts import TOKENIZER_CORPUS
     from exporter.quant.apply import build_quantized
     from exporter.runners import EagerRunner, TransformersRunner
 
-    target_device = get_device(device)
-    artifact = art.read_artifact(target_device.push(Path(folder)))
+    target_device = device if isinstance(device, Device) else get_device(device)
+    artifact = art.read_artifact(folder)
     recipe = recipe_of(artifact)
+    budget = {k: v for k, v in dict(prompts=prompts, decode_steps=decode_steps, greedy_tokens=greedy_tokens).items()
+              if v is not None}
+    if budget:
+        recipe = replace(recipe, parity=replace(recipe.parity, **budget))
     backend = get_backend(artifact.target)
+    device_facts, host_candidate = target_device.describe(), None
     facts = artifact.manifest.model
     timings: dict = {}
     with Stage("load", backend.name, timings, progress):
@@ -136,7 +147,14 @@ def verify(folder: Path, *, model: str | None = None, device: str = "host",
                 f"(weights sha256 differs from the manifest's)",
                 hint="pass --model with the checkpoint the artifact was built from",
             )
-        candidate = backend.load_runner(artifact)
+        if target_device.python() is None:
+            from exporter.devices.native import open_native_runner
+
+            candidate, device_facts = open_native_runner(target_device, backend, artifact,
+                                                         threads=recipe.bench.threads)
+            host_candidate = backend.load_runner(artifact)
+        else:
+            candidate = backend.load_runner(artifact)
     with Stage("reference", backend.name, timings, progress):
         reference_recipe = recipe
         if backend.capabilities.adopts_artifact_weights:
@@ -156,24 +174,28 @@ def verify(folder: Path, *, model: str | None = None, device: str = "host",
             float_reference=TransformersRunner(loaded.model, name="float (transformers)"),
             prompts=prompts, heldout=heldout, tokenizer_report=tok_report, spec=recipe.parity,
             eos_ids=set(facts.eos_ids), on_step=progress, noise_references=noise_references(lm, recipe),
+            host_candidate=host_candidate,
         )
-    report = replace(report, timings_s=timings,
-                     compared=replace(report.compared, device=target_device.describe().name,
-                                      runtime=backend.runtime_name(), environment=art.environment(),
-                                      artifact=artifact.manifest.name))
+    if host_candidate is not None:
+        candidate.close()
+    report = replace(report, timings_s=timings, device_facts=device_facts,
+                     compared=replace(report.compared, device=device_facts.name,
+                                      runtime=device_facts.runtime or backend.runtime_name(),
+                                      environment=art.environment(), artifact=artifact.manifest.name))
     write_json_atomic(Path(folder) / PARITY_FILE, report)
     return report
 
 
 def bench(folder: Path, *, runs: int | None = None, warmup: int | None = None, threads: int | None = None,
-          device: str = "host", progress: Progress = _quiet) -> BenchReport:
+          device: str | Device = "host", progress: Progress = _quiet) -> BenchReport:
     from exporter.bench import run_bench
 
     artifact = art.read_artifact(folder)
     spec = recipe_of(artifact).bench
     overrides = {k: v for k, v in dict(runs=runs, warmup=warmup, threads=threads).items() if v is not None}
     spec = replace(spec, **overrides)
-    report = run_bench(artifact, get_backend(artifact.target), spec, get_device(device), progress=progress)
+    target_device = device if isinstance(device, Device) else get_device(device)
+    report = run_bench(artifact, get_backend(artifact.target), spec, target_device, progress=progress)
     write_json_atomic(Path(folder) / BENCH_FILE, report)
     return report
 

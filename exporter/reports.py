@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from exporter.devices.base import DeviceInfo
 from exporter.records import omitted_when_none
 
 PARITY_FILE = "parity.json"
@@ -94,6 +95,10 @@ class ParityReport:
     tokenizer: TokenizerReport
     compared: Compared
     timings_s: dict[str, float] = field(default_factory=dict)
+    # On a device: the same artifact run there against its run on the host (same tokens), so a
+    # difference shows as the kernels' (device_vs_host) or the lowering's (lowering).
+    device_vs_host: LoweringMetrics | None = omitted_when_none()
+    device_facts: DeviceInfo | None = omitted_when_none()
 
 
 # -- bench ------------------------------------------------------------------------------------
@@ -141,3 +146,4 @@ class BenchReport:
     environment: dict[str, Any]
     prefill_tok_s: Spread  # at the longest prompt length
     ttft_ms: Spread
+    device_facts: DeviceInfo | None = omitted_when_none()

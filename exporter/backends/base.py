@@ -65,6 +65,17 @@ class Capabilities:
 
 
 @dataclass(frozen=True, kw_only=True)
+class NativeRunnerSpec:
+    """A backend's device runner: a small native program built per device (devices/), which
+    speaks the line protocol of devices/native.py."""
+
+    name: str  # the binary's name
+    runtime_package: str  # the pinned distribution whose platform wheel it is built against
+    build: Callable[..., Path]  # build(wheel, out_dir, compiler=) -> the binary, its libraries beside it
+    build_for_host: Callable[..., Path]  # build_for_host(out_dir) -> the same against the installed runtime
+
+
+@dataclass(frozen=True, kw_only=True)
 class LoweredProgram:
     roles: dict[str, str]  # role -> file or folder in the artifact ("program", "weights", ...)
     timings_s: dict[str, float]
@@ -114,6 +125,8 @@ class Backend(ABC):
     capabilities: ClassVar[Capabilities]
     # Why a scheme is refused here, when more can be said than "not stored" (scheme -> reason).
     refusal_reasons: ClassVar[Mapping[str, str]] = {}
+    # The native runner devices without this tool's Python run the artifact with (None: none yet).
+    native_runner: ClassVar[NativeRunnerSpec | None] = None
 
     # -- export ---------------------------------------------------------------------------
 

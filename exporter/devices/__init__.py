@@ -1,8 +1,9 @@
-"""Where an artifact is checked: the host now; emulators, ssh and adb devices next.
+"""Where an artifact is checked: the host, an ARM64 emulator; ssh and adb devices next.
 
 ``verify`` and ``bench`` reach the artifact through a ``Device`` (devices/base.py): push the
 folder, run a command there, pull a result back, and describe the device for the reports.
-A new kind of device is one module here and one line in ``get_device``.
+A device without this tool's Python runs the artifact through its backend's native runner
+(devices/native.py). A new kind of device is one module here and one branch in ``get_device``.
 """
 
 from __future__ import annotations
@@ -10,13 +11,22 @@ from __future__ import annotations
 from exporter.devices.base import Device, DeviceInfo, RunResult
 from exporter.errors import UsageError
 
-__all__ = ["Device", "DeviceInfo", "RunResult", "get_device"]
+__all__ = ["Device", "DeviceInfo", "RunResult", "get_device", "DEVICE_KINDS"]
+
+DEVICE_KINDS = ("host", "arm64-emu")
 
 
 def get_device(spec: str = "host") -> Device:
-    """The device named by ``spec`` ("host")."""
+    """The device named by ``spec``: "host" or "arm64-emu" (set up by `device setup`)."""
     if spec == "host":
         from exporter.devices.host import HostDevice
 
         return HostDevice()
-    raise UsageError(f"unknown device {spec!r}", hint="this version checks artifacts on the host only: --device host")
+    if spec == "arm64-emu":
+        from exporter.devices.arm64_emu import Arm64EmuDevice
+
+        return Arm64EmuDevice()
+    if spec.startswith(("ssh://", "adb:")):
+        raise UsageError(f"device {spec!r}: the ssh and adb transports are not built yet",
+                         hint="use --device host or --device arm64-emu")
+    raise UsageError(f"unknown device {spec!r}", hint=f"use one of {', '.join(DEVICE_KINDS)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -10,11 +11,16 @@ from pathlib import Path
 
 @dataclass(frozen=True, kw_only=True)
 class DeviceInfo:
-    name: str  # as reports label it, e.g. "host"
+    """What parity.json and bench.json say of the device (``device_facts``)."""
+
+    kind: str  # "host", "arm64-emu", ...
+    name: str  # as reports label it
     arch: str  # uname -m: x86_64, aarch64, ...
     cpu_count: int
     emulated: bool = False
     features: tuple[str, ...] = ()  # CPU features the runtime kernels may use (when known)
+    runner: str = ""  # the native runner that ran the artifact, with its sha256 ("" in-process)
+    runtime: str = ""  # the runtime version on the device, when it is not the host's
 
     @property
     def label(self) -> str:
@@ -31,6 +37,8 @@ class RunResult:
 
 
 class Device(ABC):
+    kind: str
+
     @abstractmethod
     def describe(self) -> DeviceInfo: ...
 
@@ -43,9 +51,23 @@ class Device(ABC):
         """Run a command on the device, to completion."""
 
     @abstractmethod
+    def spawn(self, argv: Sequence[str]) -> subprocess.Popen:
+        """Start a command on the device with binary pipes to its stdin and stdout (the native
+        runners' protocol) and its stderr captured."""
+
+    @abstractmethod
     def pull(self, remote: Path, local: Path) -> Path:
         """Copy a file the device wrote back to ``local``; returns ``local``."""
 
     @abstractmethod
-    def python(self) -> list[str]:
-        """The command that starts this tool's Python (with the exporter package) on the device."""
+    def python(self) -> list[str] | None:
+        """The command that starts this tool's Python on the device, or None: the device runs
+        artifacts through the backends' native runners only."""
+
+    def runtime_of(self, target: str) -> str:
+        """The runtime version that target's native runner was built against, when not the host's."""
+        return ""
+
+    @abstractmethod
+    def native_runner(self, target: str) -> Path | None:
+        """The device's build of that target's native runner (``Backend.native_runner``), if set up."""

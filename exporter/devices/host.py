@@ -12,10 +12,35 @@ from pathlib import Path
 
 from exporter.devices.base import Device, DeviceInfo, RunResult
 
+# x86 features the CPU kernels dispatch on (XNNPACK, MLAS), as /proc/cpuinfo names them.
+X86_FEATURES = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+ARM_FEATURES = ("asimd", "asimddp", "i8mm", "bf16", "sve", "sve2", "sme", "fphp", "asimdhp")
+
+
+def cpu_features() -> tuple[str, ...]:
+    """The kernel-relevant CPU flags of this machine (empty where /proc/cpuinfo is not readable)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ()
+    flags = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return tuple(f for f in (*X86_FEATURES, *ARM_FEATURES) if f in flags)
+
 
 class HostDevice(Device):
+    kind = "host"
+
+    def __init__(self, runners: Path | None = None) -> None:
+        self._runners = runners  # a folder of native runners built for the host (tests, farm checks)
+
     def describe(self) -> DeviceInfo:
-        return DeviceInfo(name="host", arch=platform.machine() or os.uname().machine, cpu_count=os.cpu_count() or 1)
+        return DeviceInfo(kind=self.kind, name="host", arch=platform.machine() or os.uname().machine,
+                          cpu_count=os.cpu_count() or 1, features=cpu_features())
 
     def push(self, local: Path) -> Path:
         return Path(local).resolve()
@@ -24,10 +49,22 @@ class HostDevice(Device):
         proc = subprocess.run(list(argv), capture_output=True, text=True, errors="replace", env=env)
         return RunResult(returncode=proc.returncode, stdout=proc.stdout, stderr=proc.stderr)
 
+    def spawn(self, argv: Sequence[str]) -> subprocess.Popen:
+        return subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
     def pull(self, remote: Path, local: Path) -> Path:
         if Path(remote).resolve() != Path(local).resolve():
             shutil.copyfile(remote, local)
         return Path(local)
 
-    def python(self) -> list[str]:
+    def python(self) -> list[str] | None:
         return [sys.executable]
+
+    def native_runner(self, target: str) -> Path | None:
+        if self._runners is None:
+            return None
+        from exporter.backends import backend_class
+
+        spec = backend_class(target).native_runner
+        binary = self._runners / target / spec.name if spec else None
+        return binary if binary and binary.is_file() else None

@@ -95,9 +95,11 @@ class CoreMLBackend(Backend):
 
         model = artifact.manifest.model
         if native_predict_available():
-            options = artifact.manifest.recipe["target"].get("coreml", {})
+            from exporter.recipe_io import recipe_from_dict
+
+            options: CoreMLOptions = recipe_from_dict(artifact.manifest.recipe).target.options
             return CoreMLPredictRunner(artifact.file("program"), model.max_prefill_len, model.max_seq_len,
-                                       compute_units=options.get("compute_units", "cpu_only"))
+                                       compute_units=options.compute_units)
         return InterpreterRunner(artifact.file("program"), model.max_prefill_len, model.max_seq_len)
 
     def shipped_tokenizer(self, artifact):

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from exporter.backends.base import FUSED_IN_PLACE, Backend, Capabilities, LoweredProgram, Quantized, Storage
+from exporter.backends.base import (
+    FUSED_IN_PLACE,
+    Backend,
+    Capabilities,
+    LoweredProgram,
+    NativeRunnerSpec,
+    Quantized,
+    Storage,
+)
+from exporter.backends.executorch.native import build as native_build
 from exporter.backends.executorch.options import ExecuTorchOptions
 from exporter.backends.executorch.runtime import EXTRA
 from exporter.errors import UnsupportedError
@@ -41,6 +50,9 @@ class ExecuTorchBackend(Backend):
         asymmetric=frozenset({"int8_dynact_int4_weight"}),
         kv_caches=frozenset({FUSED_IN_PLACE, ("sdpa", "custom")}),
     )
+
+    native_runner = NativeRunnerSpec(name=native_build.RUNNER, runtime_package="executorch",
+                                     build=native_build.build_from_wheel, build_for_host=native_build.build_for_host)
 
     def validate(self, recipe) -> None:
         if recipe.kv_cache.cache_update == "index_copy":

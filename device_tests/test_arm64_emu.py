@@ -1,0 +1,63 @@
+"""The ARM64 emulator suite: tiny seeded Llama / Qwen2 / Qwen3 exported for ExecuTorch (fp32 and
+int4), verified and benchmarked through `--device arm64-emu` (aarch64 XNNPACK and quantized
+kernels under qemu-user). `make device-test` sets the emulator up and runs this; it is not part
+of `make test`. Emulated timings are written, never asserted on."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import quant_rules, write_recipe
+
+pytestmark = pytest.mark.skipif(shutil.which("qemu-aarch64-static") is None,
+                                reason="run `recgpt-export device setup arm64-emu` (make device-test does)")
+
+FP32_GATES = "[parity]\nquality_top1_min = 1.0\ngreedy_exact_match_min = 1.0\n"
+# Random tiny weights exaggerate quantization error: quality is judged on SmolLM2, lowering here.
+INT4_GATES = ("[parity]\nlowering_max_abs_diff = 0.1\nlowering_cosine_min = 0.999\nlowering_top1_min = 0.98\n"
+              "quality_top1_min = 0.0\nquality_kl_mean_max = 10.0\n")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def emulator():
+    from exporter.devices import arm64_emu
+
+    arm64_emu.setup()  # seconds when already set up
+
+
+def export(tmp_path, checkpoint, name, extra):
+    from exporter.pipeline import export as do_export
+    from exporter.recipe_io import load_recipe
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.toml", name, extra))
+    return do_export(recipe, out_dir=tmp_path / "art", model=str(checkpoint))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_verify_on_the_emulator(tiny_checkpoints, tmp_path, arch, precision):
+    from exporter.pipeline import verify
+
+    extra = FP32_GATES if precision == "fp32" else quant_rules("int8_dynact_int4_weight") + INT4_GATES
+    folder = export(tmp_path, tiny_checkpoints[arch], f"tiny-{arch}-{precision}", extra)
+    report = verify(folder, device="arm64-emu", prompts=2, decode_steps=8, greedy_tokens=8)
+    tokenizer_only = [f for f in report.failures if not f.startswith("tokenizer:")]
+    assert not tokenizer_only, report.failures  # qwen2's tokenizer gap is the host's finding too
+    facts = report.device_facts
+    assert facts.kind == "arm64-emu" and facts.arch == "aarch64" and facts.emulated and "asimd" in facts.features
+    assert report.compared.runtime.startswith("executorch 1.5.1") and facts.runner.startswith("et_runner sha256:")
+    if precision == "fp32":
+        assert report.device_vs_host.max_abs_diff < 1e-4 and report.device_vs_host.top1_agreement == 1.0
+    else:
+        assert report.device_vs_host.top1_agreement >= 0.98 and report.device_vs_host.cosine_min >= 0.999
+
+
+def test_bench_on_the_emulator_is_marked_emulated(tiny_checkpoints, tmp_path, cli):
+    folder = export(tmp_path, tiny_checkpoints["qwen3"], "tiny-qwen3-int4",
+                    quant_rules("int8_dynact_int4_weight") + INT4_GATES)
+    code, out, _ = cli("bench", folder, "--device", "arm64-emu", "--runs", "2", "--warmup", "1")
+    assert code == 0 and "emulated" in out
+    report = json.loads((folder / "bench.json").read_text())
+    assert report["device_facts"]["emulated"] is True and report["decode_tok_s"]["median"] > 0
