@@ -61,3 +61,22 @@ def test_bench_on_the_emulator_is_marked_emulated(tiny_checkpoints, tmp_path, cl
     assert code == 0 and "emulated" in out
     report = json.loads((folder / "bench.json").read_text())
     assert report["device_facts"]["emulated"] is True and report["decode_tok_s"]["median"] > 0
+
+
+def test_a_phone_core_without_i8mm_or_sve(tiny_checkpoints, tmp_path):
+    """qemu's cortex-a76 model: the features of a 2019-2021 phone big core, so XNNPACK takes
+    its dotprod kernels instead of the i8mm / SVE ones the `max` model offers."""
+    from exporter.devices import arm64_emu
+    from exporter.pipeline import verify
+
+    folder = export(tmp_path, tiny_checkpoints["llama"], "tiny-llama-int4",
+                    quant_rules("int8_dynact_int4_weight") + INT4_GATES)
+    arm64_emu.setup(cpu="cortex-a76")
+    try:
+        report = verify(folder, device="arm64-emu", prompts=2, decode_steps=8, greedy_tokens=8)
+    finally:
+        arm64_emu.setup(cpu="max")
+    features = report.device_facts.features
+    assert "asimddp" in features and "i8mm" not in features and "sve" not in features
+    assert report.passed, report.failures
+    assert report.device_vs_host.top1_agreement >= 0.98 and report.device_vs_host.cosine_min >= 0.999

@@ -300,6 +300,8 @@ def device_setup(
         "--dir", help="Folder of device environments (default: $RECGPT_DEVICES_DIR, else "
                       "~/.cache/recgpt-export/devices); later commands read $RECGPT_DEVICES_DIR.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even when it is up to date.")] = False,
+    cpu: Annotated[str, typer.Option(help="arm64-emu: the qemu CPU model runs emulate (max, or a phone core "
+                                          "such as cortex-a76: its features pick the kernels).")] = "max",
 ) -> None:
     """Build a device's environment once (minutes; from Debian packages and PyPI wheels, no hub)."""
     from exporter.devices import arm64_emu
@@ -309,7 +311,7 @@ def device_setup(
         if kind != arm64_emu.KIND:
             raise UsageError(f"no setup for device {kind!r}", hint=f"set up {arm64_emu.KIND}")
         root = directory / kind if directory else None
-        arm64_emu.setup(root, progress=StageProgress(), force=force)
+        arm64_emu.setup(root, progress=StageProgress(), force=force, cpu=cpu)
 
     run(go)
 
@@ -330,7 +332,8 @@ def device_list() -> None:
         table.add_row(arm64_emu.KIND, "aarch64", "not set up (recgpt-export device setup arm64-emu)", "-")
     else:
         runners = ", ".join(f"{t}: {r['runtime']}" for t, r in state["runners"].items())
-        table.add_row(arm64_emu.KIND, "aarch64", f"ready, emulated ({state['qemu']})", runners)
+        table.add_row(arm64_emu.KIND, "aarch64", f"ready, emulated CPU {state.get('cpu', 'max')} ({state['qemu']})",
+                      runners)
     out_console.print(table)
 
 

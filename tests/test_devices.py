@@ -126,3 +126,23 @@ def test_a_runner_that_dies_is_a_stage_error(runners, int4_artifact, tmp_path):
     artifact = read_artifact(broken, check_hashes=False)
     with pytest.raises(StageError, match="the device runner et_runner answered: ERROR cannot load method forward"):
         open_native_runner(NativeHost(runners), get_backend("executorch"), artifact, threads=1)
+
+
+def test_emulator_setup_without_its_tools_names_them_and_builds_nothing(tmp_path, monkeypatch, cli):
+    from exporter.devices import arm64_emu
+    from exporter.errors import UsageError
+
+    monkeypatch.setattr(arm64_emu.shutil, "which", lambda _tool: None)
+    monkeypatch.setattr(arm64_emu.os, "geteuid", lambda: 1000)  # not root: no apt-get
+    root = tmp_path / "devices" / "arm64-emu"
+    with pytest.raises(UsageError, match="needs qemu-aarch64-static, aarch64-linux-gnu-g\\+\\+") as caught:
+        arm64_emu.setup(root)
+    assert "qemu-user-static and g++-aarch64-linux-gnu" in caught.value.hint
+    assert not root.exists() and not any((tmp_path / "devices").glob(".arm64-emu.partial-*"))
+    with pytest.raises(UsageError, match="unknown CPU model 'cortex-x4'"):
+        arm64_emu.setup(root, cpu="cortex-x4")
+    monkeypatch.setenv("RECGPT_DEVICES_DIR", str(tmp_path / "devices"))
+    code, out, _ = cli("device", "remove", "arm64-emu")
+    assert code == 0 and "arm64-emu was not set up" in out
+    code, out, _ = cli("device", "list")
+    assert code == 0 and "not set up" in out

@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
+from typing import IO
 
 from exporter.devices.base import Device, DeviceInfo, RunResult
 from exporter.errors import StageError, UsageError
@@ -32,6 +33,9 @@ SYSROOT = Path("/usr/aarch64-linux-gnu")
 DEBIAN_PACKAGES = ("qemu-user-static", "g++-aarch64-linux-gnu")
 WHEEL_PLATFORM = "manylinux_2_28_aarch64"
 STATE = "device.json"
+# qemu's CPU models: "max" has every feature qemu emulates (SVE2, SME, i8mm: kernels few
+# phones can run); cortex-a76 is a 2019-2021 phone big core (dotprod, no i8mm, no SVE).
+CPU_MODELS = ("max", "cortex-a76", "cortex-a72", "cortex-a57", "cortex-a53", "neoverse-n1", "a64fx")
 
 
 def default_root() -> Path:
@@ -52,10 +56,15 @@ class Arm64EmuDevice(Device):
         self.state = json.loads(state.read_text())
 
     def describe(self) -> DeviceInfo:
-        return DeviceInfo(kind=KIND, name=KIND, arch="aarch64", cpu_count=os.cpu_count() or 1, emulated=True)
+        return DeviceInfo(kind=KIND, name=f"{KIND} ({self.cpu})", arch="aarch64", cpu_count=os.cpu_count() or 1,
+                          emulated=True)
+
+    @property
+    def cpu(self) -> str:
+        return self.state.get("cpu", "max")
 
     def _wrap(self, argv: Sequence[str]) -> list[str]:
-        return [QEMU, "-L", str(SYSROOT), *argv]
+        return [QEMU, "-cpu", self.cpu, "-L", str(SYSROOT), *argv]
 
     def push(self, local: Path) -> Path:
         return Path(local).resolve()  # the emulated process sees the host's files
@@ -64,9 +73,8 @@ class Arm64EmuDevice(Device):
         proc = subprocess.run(self._wrap(argv), capture_output=True, text=True, errors="replace", env=env)
         return RunResult(returncode=proc.returncode, stdout=proc.stdout, stderr=proc.stderr)
 
-    def spawn(self, argv: Sequence[str]) -> subprocess.Popen:
-        return subprocess.Popen(self._wrap(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
+    def spawn(self, argv: Sequence[str], *, stderr: IO[bytes]) -> subprocess.Popen:
+        return subprocess.Popen(self._wrap(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr)
 
     def pull(self, remote: Path, local: Path) -> Path:
         if Path(remote).resolve() != Path(local).resolve():
@@ -135,12 +143,15 @@ def _download_wheel(package: str, version: str, into: Path) -> Path:
 
 
 def setup(root: Path | None = None, *, progress: Callable[[str], None] = lambda _m: None,
-          force: bool = False) -> dict:
+          force: bool = False, cpu: str = "max") -> dict:
     """Build the emulator's folder: a native runner per backend that declares one. Idempotent:
-    nothing is rebuilt while the pinned runtimes are the ones it was built against."""
+    nothing is rebuilt while the pinned runtimes are the ones it was built against; ``cpu``
+    (a qemu CPU model, CPU_MODELS) is what later runs emulate."""
     from exporter.backends import backend_class, known_targets
     from exporter.devices.native import file_sha256
 
+    if cpu not in CPU_MODELS:
+        raise UsageError(f"unknown CPU model {cpu!r}", hint=f"use one of {', '.join(CPU_MODELS)}")
     root = Path(root) if root else default_root()
     wanted = {}
     for target in known_targets():
@@ -151,7 +162,10 @@ def setup(root: Path | None = None, *, progress: Callable[[str], None] = lambda 
     if current and not force and all(
             current.get("runners", {}).get(t, {}).get("runtime") == f"{spec.runtime_package} {version}"
             for t, (spec, version) in wanted.items()):
-        progress(f"{KIND} is set up at {root} (runners: {', '.join(current['runners']) or 'none'})")
+        if current.get("cpu", "max") != cpu:
+            current["cpu"] = cpu
+            (root / STATE).write_text(json.dumps(current, indent=2) + "\n")
+        progress(f"{KIND} is set up at {root} (runners: {', '.join(current['runners']) or 'none'}; CPU {cpu})")
         return current
     _tools(progress)
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -174,7 +188,8 @@ def setup(root: Path | None = None, *, progress: Callable[[str], None] = lambda 
                                "wheel_sha256": file_sha256(wheel)}
             shutil.rmtree(downloads)
         qemu = subprocess.run([QEMU, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
-        state = {"kind": KIND, "arch": "aarch64", "qemu": qemu, "sysroot": str(SYSROOT), "runners": runners}
+        state = {"kind": KIND, "arch": "aarch64", "cpu": cpu, "qemu": qemu, "sysroot": str(SYSROOT),
+                 "runners": runners}
         (staging / STATE).write_text(json.dumps(state, indent=2) + "\n")
         if root.exists():
             shutil.rmtree(root)

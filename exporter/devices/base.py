@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,9 +52,10 @@ class Device(ABC):
         """Run a command on the device, to completion."""
 
     @abstractmethod
-    def spawn(self, argv: Sequence[str]) -> subprocess.Popen:
+    def spawn(self, argv: Sequence[str], *, stderr: IO[bytes]) -> subprocess.Popen:
         """Start a command on the device with binary pipes to its stdin and stdout (the native
-        runners' protocol) and its stderr captured."""
+        runners' protocol) and its stderr written to ``stderr`` (a file: a pipe nobody reads
+        would fill and stall a chatty runtime)."""
 
     @abstractmethod
     def pull(self, remote: Path, local: Path) -> Path:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 from exporter.devices.base import Device, DeviceInfo, RunResult
 
@@ -49,8 +50,8 @@ class HostDevice(Device):
         proc = subprocess.run(list(argv), capture_output=True, text=True, errors="replace", env=env)
         return RunResult(returncode=proc.returncode, stdout=proc.stdout, stderr=proc.stderr)
 
-    def spawn(self, argv: Sequence[str]) -> subprocess.Popen:
-        return subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    def spawn(self, argv: Sequence[str], *, stderr: IO[bytes]) -> subprocess.Popen:
+        return subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr)
 
     def pull(self, remote: Path, local: Path) -> Path:
         if Path(remote).resolve() != Path(local).resolve():

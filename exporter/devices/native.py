@@ -8,6 +8,7 @@ ssh and through adb. Logits come back as raw little-endian float32.
 from __future__ import annotations
 
 import hashlib
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,7 +39,8 @@ class NativeRunner(ChunkedRunner):
         self.binary = binary
         self.binary_sha256 = file_sha256(binary)
         t0 = time.perf_counter()
-        self._process = device.spawn([str(binary), str(program), str(threads)])
+        self._stderr = tempfile.TemporaryFile()
+        self._process = device.spawn([str(binary), str(program), str(threads)], stderr=self._stderr)
         ready = self._header("READY").split()
         self.load_ms = (time.perf_counter() - t0) * 1e3
         self.vocab, self.threads = int(ready[1]), int(ready[2])
@@ -50,7 +52,8 @@ class NativeRunner(ChunkedRunner):
             return line
         if not line:  # the process ended: its stderr says why
             self._process.wait(timeout=30)
-            tail = self._process.stderr.read().decode("utf-8", errors="replace").strip().splitlines()
+            self._stderr.seek(0)
+            tail = self._stderr.read().decode("utf-8", errors="replace").strip().splitlines()
             errors = [t for t in tail if t.startswith("E ")] or tail or ["no output"]
             raise StageError(f"the device runner {self.binary.name} stopped (exit {self._process.returncode}): "
                              f"{errors[-1]}", stage="device run")
@@ -103,7 +106,7 @@ class NativeRunner(ChunkedRunner):
                 self._process.wait(timeout=30)
             except (StageError, OSError):
                 self._process.kill()
-        for stream in (self._process.stdin, self._process.stdout, self._process.stderr):
+        for stream in (self._process.stdin, self._process.stdout, self._stderr):
             stream.close()
 
 
