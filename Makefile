@@ -46,6 +46,8 @@ test: venv
 # aarch64 executorch wheel, the cross-compiled runner; seconds once built), then runs it.
 device-test: venv
 	$(VENV)/bin/recgpt-export device setup arm64-emu
+	# The ssh tests start their own sshd on 127.0.0.1 (Debian's openssh-server; installed here when root).
+	test -x /usr/sbin/sshd || { [ "$$(id -u)" = 0 ] && apt-get install -y -q openssh-server; } || true
 	$(PY) -m pytest -q device_tests
 
 clean:

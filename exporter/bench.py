@@ -96,6 +96,7 @@ def _native_measurements(artifact, backend, spec, device: Device, progress):
         raw.update(baseline_rss_mb=0.0, peak_rss_mb=runner.peak_rss_mb())
     finally:
         runner.close()
+        device.cleanup()
     return raw, replace(info, features=runner.features)
 
 

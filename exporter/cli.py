@@ -18,6 +18,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from exporter.errors import RecgptError
@@ -86,9 +87,10 @@ def run(fn):
     except RecgptError as exc:
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        # The message is text, not markup: "[user@]host" or "[quant.tuning]" must print as written.
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
         if exc.hint:
-            err_console.print(f"[yellow]hint:[/yellow] {exc.hint}", highlight=False)
+            err_console.print(f"[yellow]hint:[/yellow] {escape(exc.hint)}", highlight=False)
         raise typer.Exit(exc.exit_code) from exc
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/bold red]: nothing was left half-written")
@@ -178,7 +180,7 @@ def render_parity(report) -> None:
     if report.passed:
         out_console.print("[bold green]PASS[/bold green]: every gate passed")
     for failure in report.failures:
-        out_console.print(f"[bold red]FAIL[/bold red]: {failure}", highlight=False, soft_wrap=True)
+        out_console.print(f"[bold red]FAIL[/bold red]: {escape(failure)}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -295,7 +297,7 @@ def recipes_show(
 
 @device_app.command("setup")
 def device_setup(
-    kind: Annotated[str, typer.Argument(help="The device to build: arm64-emu.")],
+    kind: Annotated[str, typer.Argument(help="The device to build: arm64-emu, or ssh://[user@]host[:port].")],
     directory: Annotated[Path | None, typer.Option(
         "--dir", help="Folder of device environments (default: $RECGPT_DEVICES_DIR, else "
                       "~/.cache/recgpt-export/devices); later commands read $RECGPT_DEVICES_DIR.")] = None,
@@ -308,8 +310,13 @@ def device_setup(
     from exporter.errors import UsageError
 
     def go():
+        if kind.startswith("ssh://"):
+            from exporter.devices import ssh
+
+            ssh.setup(kind, progress=StageProgress())
+            return
         if kind != arm64_emu.KIND:
-            raise UsageError(f"no setup for device {kind!r}", hint=f"set up {arm64_emu.KIND}")
+            raise UsageError(f"no setup for device {kind!r}", hint=f"set up {arm64_emu.KIND} or ssh://[user@]host[:port]")
         root = directory / kind if directory else None
         arm64_emu.setup(root, progress=StageProgress(), force=force, cpu=cpu)
 

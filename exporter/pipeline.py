@@ -178,6 +178,7 @@ def verify(folder: Path, *, model: str | None = None, device: str | Device = "ho
         )
     if host_candidate is not None:
         candidate.close()
+        target_device.cleanup()
     report = replace(report, timings_s=timings, device_facts=device_facts,
                      compared=replace(report.compared, device=device_facts.name,
                                       runtime=device_facts.runtime or backend.runtime_name(),

@@ -99,8 +99,8 @@ def test_a_device_that_is_not_set_up_is_one_line(cli, int4_artifact, tmp_path, m
     assert code == 2 and "device arm64-emu is not set up" in err and "device setup arm64-emu" in err
     code, _, err = cli("bench", int4_artifact, "--device", "pixel-9")
     assert code == 2 and "unknown device 'pixel-9'" in err
-    code, _, err = cli("verify", int4_artifact, "--device", "ssh://user@board")
-    assert code == 2 and "ssh and adb transports are not built yet" in err
+    code, _, err = cli("verify", int4_artifact, "--device", "ssh://a@b@c")
+    assert code == 2 and "is not of the form ssh://[user@]host[:port]" in err
 
 
 def test_a_target_without_a_native_runner_is_refused(runners, tiny_checkpoints, tmp_path):

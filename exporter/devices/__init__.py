@@ -13,11 +13,12 @@ from exporter.errors import UsageError
 
 __all__ = ["Device", "DeviceInfo", "RunResult", "get_device", "DEVICE_KINDS"]
 
-DEVICE_KINDS = ("host", "arm64-emu")
+DEVICE_KINDS = ("host", "arm64-emu", "ssh://[user@]host[:port]")
 
 
 def get_device(spec: str = "host") -> Device:
-    """The device named by ``spec``: "host" or "arm64-emu" (set up by `device setup`)."""
+    """The device named by ``spec``: "host", "arm64-emu" or "ssh://[user@]host[:port]" (the
+    last two set up by `device setup`)."""
     if spec == "host":
         from exporter.devices.host import HostDevice
 
@@ -26,7 +27,11 @@ def get_device(spec: str = "host") -> Device:
         from exporter.devices.arm64_emu import Arm64EmuDevice
 
         return Arm64EmuDevice()
-    if spec.startswith(("ssh://", "adb:")):
-        raise UsageError(f"device {spec!r}: the ssh and adb transports are not built yet",
-                         hint="use --device host or --device arm64-emu")
+    if spec.startswith("ssh://"):
+        from exporter.devices.ssh import SshDevice
+
+        return SshDevice(spec)
+    if spec.startswith("adb:"):
+        raise UsageError(f"device {spec!r}: the adb transport is not built yet",
+                         hint="use --device host, arm64-emu or ssh://[user@]host[:port]")
     raise UsageError(f"unknown device {spec!r}", hint=f"use one of {', '.join(DEVICE_KINDS)}")

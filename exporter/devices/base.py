@@ -40,6 +40,11 @@ class RunResult:
 class Device(ABC):
     kind: str
 
+    @property
+    def spec(self) -> str:
+        """How --device names it."""
+        return self.kind
+
     @abstractmethod
     def describe(self) -> DeviceInfo: ...
 
@@ -65,6 +70,15 @@ class Device(ABC):
     def python(self) -> list[str] | None:
         """The command that starts this tool's Python on the device, or None: the device runs
         artifacts through the backends' native runners only."""
+
+    def file_sha256(self, path: Path) -> str:
+        """sha256 of a file on the device (the runner binary, for the reports)."""
+        import hashlib
+
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+    def cleanup(self) -> None:  # noqa: B027 - an optional hook: devices whose push() copies remove it here
+        """Remove what push() put on the device."""
 
     def runtime_of(self, target: str) -> str:
         """The runtime version that target's native runner was built against, when not the host's."""

@@ -37,7 +37,7 @@ class NativeRunner(ChunkedRunner):
                  threads: int, name: str) -> None:
         super().__init__(name, max_prefill_len=max_prefill_len, max_seq_len=max_seq_len)
         self.binary = binary
-        self.binary_sha256 = file_sha256(binary)
+        self.binary_sha256 = device.file_sha256(binary)
         t0 = time.perf_counter()
         self._stderr = tempfile.TemporaryFile()
         self._process = device.spawn([str(binary), str(program), str(threads)], stderr=self._stderr)
@@ -151,7 +151,7 @@ def open_native_runner(device: Device, backend, artifact, *, threads: int) -> tu
     binary = device.native_runner(backend.name)
     if binary is None:
         raise UsageError(f"{info.name} has no {backend.name} runner",
-                         hint=f"run `recgpt-export device setup {info.kind}`")
+                         hint=f"run `recgpt-export device setup {device.spec}`")
     folder = device.push(artifact.path)
     model = artifact.manifest.model
     runner = NativeRunner(device, binary, folder / artifact.manifest.roles["program"],
