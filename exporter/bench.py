@@ -38,11 +38,10 @@ def prompt_text(encode, decode, length: int) -> str:
 def run_bench(artifact, backend, spec, device: Device, *, progress=lambda s: None) -> BenchReport:
     """Measure on ``device``: in a fresh worker process where the device runs this tool's
     Python, else through the backend's native runner there; then build the report."""
-    info = device.describe()
     if device.python() is None:
         raw, info = _native_measurements(artifact, backend, spec, device, progress)
     else:
-        raw = _worker_measurements(artifact, backend, spec, device, progress)
+        raw, info = _worker_measurements(artifact, backend, spec, device, progress), device.describe()
     manifest = artifact.manifest
     prefill = {str(n): PrefillCase(prompt_tokens=case["prompt_tokens"], prefill_tok_s=Spread.of(case["prefill_tok_s"]),
                                    ttft_ms=Spread.of(case["ttft_ms"])) for n, case in raw["prefill"].items()}
@@ -83,8 +82,6 @@ def _worker_measurements(artifact, backend, spec, device: Device, progress) -> d
 def _native_measurements(artifact, backend, spec, device: Device, progress):
     """The device times prefill and decode inside its native runner; peak RSS and CPU time are
     the runner process's (under emulation, the emulator's: relative figures only)."""
-    from dataclasses import replace
-
     from exporter.devices.native import NativeBenchSession, open_native_runner
 
     progress(f"benchmark on {device.kind} through the {backend.name} native runner "
@@ -97,7 +94,7 @@ def _native_measurements(artifact, backend, spec, device: Device, progress):
     finally:
         runner.close()
         device.cleanup()
-    return raw, replace(info, features=runner.features)
+    return raw, info
 
 
 def _spec_dict(spec) -> dict:

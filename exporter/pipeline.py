@@ -128,7 +128,7 @@ def verify(folder: Path, *, model: str | None = None, device: str | Device = "ho
     from exporter.quant.apply import build_quantized
     from exporter.runners import EagerRunner, TransformersRunner
 
-    target_device = device if isinstance(device, Device) else get_device(device)
+    target_device = get_device(device)
     artifact = art.read_artifact(folder)
     recipe = recipe_of(artifact)
     budget = {k: v for k, v in dict(prompts=prompts, decode_steps=decode_steps, greedy_tokens=greedy_tokens).items()
@@ -195,8 +195,7 @@ def bench(folder: Path, *, runs: int | None = None, warmup: int | None = None, t
     spec = recipe_of(artifact).bench
     overrides = {k: v for k, v in dict(runs=runs, warmup=warmup, threads=threads).items() if v is not None}
     spec = replace(spec, **overrides)
-    target_device = device if isinstance(device, Device) else get_device(device)
-    report = run_bench(artifact, get_backend(artifact.target), spec, target_device, progress=progress)
+    report = run_bench(artifact, get_backend(artifact.target), spec, get_device(device), progress=progress)
     write_json_atomic(Path(folder) / BENCH_FILE, report)
     return report
 

@@ -16,9 +16,11 @@ __all__ = ["Device", "DeviceInfo", "RunResult", "get_device", "DEVICE_KINDS"]
 DEVICE_KINDS = ("host", "arm64-emu", "ssh://[user@]host[:port]")
 
 
-def get_device(spec: str = "host") -> Device:
+def get_device(spec: str | Device = "host") -> Device:
     """The device named by ``spec``: "host", "arm64-emu" or "ssh://[user@]host[:port]" (the
-    last two set up by `device setup`)."""
+    last two set up by `device setup`); a Device is taken as it is."""
+    if isinstance(spec, Device):
+        return spec
     if spec == "host":
         from exporter.devices.host import HostDevice
 

@@ -21,9 +21,9 @@ import tempfile
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import IO
 
-from exporter.devices.base import Device, DeviceInfo, RunResult
+from exporter.devices.base import DeviceInfo
+from exporter.devices.host import HostDevice
 from exporter.errors import StageError, UsageError
 
 KIND = "arm64-emu"
@@ -44,7 +44,9 @@ def default_root() -> Path:
     return Path(os.environ.get("RECGPT_DEVICES_DIR", default_cache_dir() / "devices")) / KIND
 
 
-class Arm64EmuDevice(Device):
+class Arm64EmuDevice(HostDevice):
+    """The host's files and processes, every command run under qemu-aarch64."""
+
     kind = KIND
 
     def __init__(self, root: Path | None = None) -> None:
@@ -65,21 +67,6 @@ class Arm64EmuDevice(Device):
 
     def _wrap(self, argv: Sequence[str]) -> list[str]:
         return [QEMU, "-cpu", self.cpu, "-L", str(SYSROOT), *argv]
-
-    def push(self, local: Path) -> Path:
-        return Path(local).resolve()  # the emulated process sees the host's files
-
-    def run(self, argv: Sequence[str], *, env: dict[str, str] | None = None) -> RunResult:
-        proc = subprocess.run(self._wrap(argv), capture_output=True, text=True, errors="replace", env=env)
-        return RunResult(returncode=proc.returncode, stdout=proc.stdout, stderr=proc.stderr)
-
-    def spawn(self, argv: Sequence[str], *, stderr: IO[bytes]) -> subprocess.Popen:
-        return subprocess.Popen(self._wrap(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr)
-
-    def pull(self, remote: Path, local: Path) -> Path:
-        if Path(remote).resolve() != Path(local).resolve():
-            shutil.copyfile(remote, local)
-        return Path(local)
 
     def python(self) -> list[str] | None:
         return None
@@ -142,13 +129,24 @@ def _download_wheel(package: str, version: str, into: Path) -> Path:
     return wheels[0]
 
 
+def build_aarch64_runner(spec, version: str, out_dir: Path, downloads: Path,
+                         progress: Callable[[str], None]) -> tuple[Path, Path]:
+    """A backend's native runner for aarch64 (cross-compiled against the pinned runtime's
+    aarch64 wheel, downloaded into ``downloads``) in ``out_dir``; the binary and the wheel."""
+    downloads.mkdir(parents=True, exist_ok=True)
+    progress(f"downloading {spec.runtime_package}=={version} for {WHEEL_PLATFORM}")
+    wheel = _download_wheel(spec.runtime_package, version, downloads)
+    progress(f"building the {spec.runtime_package} runner for aarch64")
+    return spec.build(wheel, out_dir, compiler=COMPILER), wheel
+
+
 def setup(root: Path | None = None, *, progress: Callable[[str], None] = lambda _m: None,
           force: bool = False, cpu: str = "max") -> dict:
     """Build the emulator's folder: a native runner per backend that declares one. Idempotent:
     nothing is rebuilt while the pinned runtimes are the ones it was built against; ``cpu``
     (a qemu CPU model, CPU_MODELS) is what later runs emulate."""
+    from exporter.artifact import sha256_file
     from exporter.backends import backend_class, known_targets
-    from exporter.devices.native import file_sha256
 
     if cpu not in CPU_MODELS:
         raise UsageError(f"unknown CPU model {cpu!r}", hint=f"use one of {', '.join(CPU_MODELS)}")
@@ -174,18 +172,14 @@ def setup(root: Path | None = None, *, progress: Callable[[str], None] = lambda 
         runners = {}
         for target, (spec, version) in wanted.items():
             downloads = staging / "downloads"
-            downloads.mkdir(exist_ok=True)
-            progress(f"downloading {spec.runtime_package}=={version} for {WHEEL_PLATFORM}")
-            wheel = _download_wheel(spec.runtime_package, version, downloads)
-            progress(f"building the {target} runner for aarch64")
-            binary = spec.build(wheel, staging / target, compiler=COMPILER)
+            binary, wheel = build_aarch64_runner(spec, version, staging / target, downloads, progress)
             probe = subprocess.run([QEMU, "-L", str(SYSROOT), str(binary)], capture_output=True, text=True)
             if "usage" not in probe.stdout:
                 raise StageError(f"the {target} runner does not start under {QEMU}: "
                                  f"{(probe.stderr.strip().splitlines() or ['no output'])[-1]}", stage="device setup")
-            runners[target] = {"binary": str(binary.relative_to(staging)), "sha256": file_sha256(binary),
+            runners[target] = {"binary": str(binary.relative_to(staging)), "sha256": sha256_file(binary),
                                "runtime": f"{spec.runtime_package} {version}", "wheel": wheel.name,
-                               "wheel_sha256": file_sha256(wheel)}
+                               "wheel_sha256": sha256_file(wheel)}
             shutil.rmtree(downloads)
         qemu = subprocess.run([QEMU, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
         state = {"kind": KIND, "arch": "aarch64", "cpu": cpu, "qemu": qemu, "sysroot": str(SYSROOT),

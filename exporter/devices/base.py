@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -34,7 +34,6 @@ class RunResult:
     returncode: int
     stdout: str
     stderr: str
-    env: dict[str, str] = field(default_factory=dict)
 
 
 class Device(ABC):
@@ -73,9 +72,9 @@ class Device(ABC):
 
     def file_sha256(self, path: Path) -> str:
         """sha256 of a file on the device (the runner binary, for the reports)."""
-        import hashlib
+        from exporter.artifact import sha256_file
 
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return sha256_file(path)
 
     def cleanup(self) -> None:  # noqa: B027 - an optional hook: devices whose push() copies remove it here
         """Remove what push() put on the device."""

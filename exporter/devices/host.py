@@ -19,21 +19,27 @@ X86_FEATURES = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "
 ARM_FEATURES = ("asimd", "asimddp", "i8mm", "bf16", "sve", "sve2", "sme", "fphp", "asimdhp")
 
 
-def cpu_features() -> tuple[str, ...]:
-    """The kernel-relevant CPU flags of this machine (empty where /proc/cpuinfo is not readable)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ()
+def kernel_features(cpuinfo: str) -> tuple[str, ...]:
+    """The kernel-relevant CPU flags in a /proc/cpuinfo text (x86 "flags", ARM "Features")."""
     flags = set()
-    for line in text.splitlines():
+    for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         if key.strip() in ("flags", "Features"):
             flags.update(value.split())
     return tuple(f for f in (*X86_FEATURES, *ARM_FEATURES) if f in flags)
 
 
+def cpu_features() -> tuple[str, ...]:
+    """This machine's kernel-relevant CPU flags (empty where /proc/cpuinfo is not readable)."""
+    try:
+        return kernel_features(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return ()
+
+
 class HostDevice(Device):
+    """Also the base of devices that share the host's files and run local processes (arm64-emu)."""
+
     kind = "host"
 
     def __init__(self, runners: Path | None = None) -> None:
@@ -46,12 +52,16 @@ class HostDevice(Device):
     def push(self, local: Path) -> Path:
         return Path(local).resolve()
 
+    def _wrap(self, argv: Sequence[str]) -> list[str]:
+        """The local command line that runs ``argv`` on this device."""
+        return list(argv)
+
     def run(self, argv: Sequence[str], *, env: dict[str, str] | None = None) -> RunResult:
-        proc = subprocess.run(list(argv), capture_output=True, text=True, errors="replace", env=env)
+        proc = subprocess.run(self._wrap(argv), capture_output=True, text=True, errors="replace", env=env)
         return RunResult(returncode=proc.returncode, stdout=proc.stdout, stderr=proc.stderr)
 
     def spawn(self, argv: Sequence[str], *, stderr: IO[bytes]) -> subprocess.Popen:
-        return subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr)
+        return subprocess.Popen(self._wrap(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr)
 
     def pull(self, remote: Path, local: Path) -> Path:
         if Path(remote).resolve() != Path(local).resolve():

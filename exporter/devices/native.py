@@ -7,7 +7,6 @@ ssh and through adb. Logits come back as raw little-endian float32.
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 import time
 from collections.abc import Sequence
@@ -24,10 +23,6 @@ from exporter.runners import ChunkedRunner
 ARM_HWCAP = {"fp": 0, "asimd": 1, "fphp": 9, "asimdhp": 10, "asimdrdm": 12, "asimddp": 20, "sve": 22,
              "asimdfhm": 23}
 ARM_HWCAP2 = {"sve2": 1, "i8mm": 13, "bf16": 14, "sme": 23}
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 class NativeRunner(ChunkedRunner):

@@ -88,11 +88,10 @@ class SshDevice(Device):
         if self._info is None:
             out = self._checked("uname -m; getconf _NPROCESSORS_ONLN; grep -m1 -E '^(flags|Features)' /proc/cpuinfo "
                                 "|| true").splitlines()
-            from exporter.devices.host import ARM_FEATURES, X86_FEATURES
+            from exporter.devices.host import kernel_features
 
-            flags = set(out[2].partition(":")[2].split()) if len(out) > 2 else set()
             self._info = DeviceInfo(kind=KIND, name=str(self.target), arch=out[0].strip(), cpu_count=int(out[1]),
-                                    features=tuple(f for f in (*X86_FEATURES, *ARM_FEATURES) if f in flags))
+                                    features=kernel_features("\n".join(out[2:])))
         return self._info
 
     def _scp(self, sources: Sequence[str], destination: str) -> None:
@@ -165,13 +164,10 @@ def setup(spec: str, *, progress: Callable[[str], None] = lambda _m: None) -> di
             elif info.arch == "aarch64":
                 from importlib import metadata
 
-                from exporter.devices.arm64_emu import COMPILER, _download_wheel
+                from exporter.devices.arm64_emu import build_aarch64_runner
 
-                version = metadata.version(runner.runtime_package)
-                progress(f"building the {target} runner for aarch64 against {runner.runtime_package}=={version}")
-                downloads = Path(scratch) / "downloads"
-                downloads.mkdir(exist_ok=True)
-                runner.build(_download_wheel(runner.runtime_package, version, downloads), out, compiler=COMPILER)
+                build_aarch64_runner(runner, metadata.version(runner.runtime_package), out,
+                                     Path(scratch) / "downloads", progress)
             else:
                 raise UsageError(f"{device.target} is {info.arch}: no runner build for it",
                                  hint="the runners are built for x86_64 and aarch64")
