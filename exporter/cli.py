@@ -37,8 +37,10 @@ _state = {"debug": False}
 ArtifactDir = Annotated[Path, typer.Argument(help="An artifact folder written by `recgpt-export export`.")]
 JsonFlag = Annotated[bool, typer.Option("--json",
                                         help="Print the report as JSON (the same JSON written to the file).")]
-DeviceOpt = Annotated[str, typer.Option("--device", "-d", help="Where the artifact runs: host, or arm64-emu "
-                                                             "(after `recgpt-export device setup arm64-emu`).")]
+SSH_SPEC = escape("ssh://[user@]host[:port]")  # help text is rich markup: the brackets must print
+DeviceOpt = Annotated[str, typer.Option("--device", "-d",
+                                        help=f"Where the artifact runs: host, arm64-emu or {SSH_SPEC} "
+                                             "(the last two after `recgpt-export device setup ...`).")]
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m",
                                               help="Checkpoint folder, .gguf file or builtin:NAME; "
                                                    "default: the recipe's model.source.")]
@@ -297,7 +299,7 @@ def recipes_show(
 
 @device_app.command("setup")
 def device_setup(
-    kind: Annotated[str, typer.Argument(help="The device to build: arm64-emu, or ssh://[user@]host[:port].")],
+    kind: Annotated[str, typer.Argument(help=f"The device to build: arm64-emu, or {SSH_SPEC}.")],
     directory: Annotated[Path | None, typer.Option(
         "--dir", help="Folder of device environments (default: $RECGPT_DEVICES_DIR, else "
                       "~/.cache/recgpt-export/devices); later commands read $RECGPT_DEVICES_DIR.")] = None,

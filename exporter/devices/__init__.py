@@ -1,4 +1,4 @@
-"""Where an artifact is checked: the host, an ARM64 emulator; ssh and adb devices next.
+"""Where an artifact is checked: the host, an ARM64 emulator, a machine over ssh (adb next).
 
 ``verify`` and ``bench`` reach the artifact through a ``Device`` (devices/base.py): push the
 folder, run a command there, pull a result back, and describe the device for the reports.
