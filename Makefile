@@ -48,6 +48,8 @@ device-test: venv
 	$(VENV)/bin/recgpt-export device setup arm64-emu
 	# The ssh tests start their own sshd on 127.0.0.1 (Debian's openssh-server; installed here when root).
 	test -x /usr/sbin/sshd || { [ "$$(id -u)" = 0 ] && apt-get install -y -q openssh-server; } || true
+	# The adb test runs Debian's adb client against no device (no phone reaches these machines).
+	command -v adb >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q adb; } || true
 	$(PY) -m pytest -q device_tests
 
 clean:

@@ -54,6 +54,23 @@ def test_verify_on_the_emulator(tiny_checkpoints, tmp_path, arch, precision):
         assert report.device_vs_host.top1_agreement >= 0.98 and report.device_vs_host.cosine_min >= 0.999
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_onnx_int4_on_the_emulator(tiny_checkpoints, tmp_path, arch):
+    """ONNX Runtime's aarch64 MLAS kernels (MatMulNBits, GroupQueryAttention) under qemu, run
+    by the script runner in the userland's Python."""
+    from exporter.pipeline import verify
+
+    folder = export(tmp_path, tiny_checkpoints[arch], f"tiny-{arch}-onnx-int4",
+                    '[target]\nname = "onnx"\n' + quant_rules("int4_weight", symmetric=False) + INT4_GATES)
+    report = verify(folder, device="arm64-emu", prompts=2, decode_steps=8, greedy_tokens=8)
+    tokenizer_only = [f for f in report.failures if not f.startswith("tokenizer:")]
+    assert not tokenizer_only, report.failures
+    facts = report.device_facts
+    assert facts.arch == "aarch64" and facts.emulated and facts.runner.startswith("ort_runner.py sha256:")
+    assert facts.runtime == "onnxruntime 1.32.0 numpy 2.3.5"
+    assert report.device_vs_host.top1_agreement >= 0.98 and report.device_vs_host.cosine_min >= 0.999
+
+
 def test_bench_on_the_emulator_is_marked_emulated(tiny_checkpoints, tmp_path, cli):
     folder = export(tmp_path, tiny_checkpoints["qwen3"], "tiny-qwen3-int4",
                     quant_rules("int8_dynact_int4_weight") + INT4_GATES)

@@ -60,7 +60,7 @@ def test_verify_and_bench_over_ssh(sshd, tiny_checkpoints, tmp_path, cli):
     from exporter.recipe_io import load_recipe
 
     state = ssh.setup(sshd)
-    assert state["runners"] == {"executorch": f"{ssh.REMOTE_RUNNERS}/executorch"}
+    assert state["runners"] == {target: f"{ssh.REMOTE_RUNNERS}/{target}" for target in ("executorch", "onnx")}
     recipe = load_recipe(write_recipe(tmp_path / "r.toml", "tiny-qwen3-int4",
                                       quant_rules("int8_dynact_int4_weight") + INT4_GATES))
     folder = export(recipe, out_dir=tmp_path / "art", model=str(tiny_checkpoints["qwen3"]))
@@ -72,6 +72,24 @@ def test_verify_and_bench_over_ssh(sshd, tiny_checkpoints, tmp_path, cli):
     code, out, _ = cli("bench", folder, "--device", sshd, "--runs", "2", "--warmup", "0")
     assert code == 0 and "decode_tok_s" in out
     assert set(glob.glob("/tmp/recgpt-artifact-*")) == before  # nothing pushed for a run stays
+
+
+def test_onnx_over_ssh_runs_the_remote_python(sshd, tiny_checkpoints, tmp_path):
+    """The ONNX runner is a script: setup unpacked the pinned onnxruntime and numpy wheels for
+    the remote's platform and python3 beside it, so the remote needs only a python3."""
+    from exporter.devices import ssh
+    from exporter.pipeline import export, verify
+    from exporter.recipe_io import load_recipe
+
+    ssh.setup(sshd)
+    recipe = load_recipe(write_recipe(tmp_path / "r.toml", "tiny-llama-onnx-int4", '[target]\nname = "onnx"\n'
+                                      + quant_rules("int4_weight", symmetric=False) + INT4_GATES))
+    folder = export(recipe, out_dir=tmp_path / "art", model=str(tiny_checkpoints["llama"]))
+    report = verify(folder, device=sshd, prompts=2, decode_steps=8, greedy_tokens=8)
+    assert report.passed, report.failures
+    assert report.device_facts.runner.startswith("ort_runner.py sha256:")
+    # the same onnxruntime build on the same CPU in another process: the same bits
+    assert report.device_vs_host.max_abs_diff == 0.0
 
 
 def test_an_unreachable_host_is_one_line(cli, tmp_path, monkeypatch):

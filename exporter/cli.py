@@ -39,8 +39,8 @@ JsonFlag = Annotated[bool, typer.Option("--json",
                                         help="Print the report as JSON (the same JSON written to the file).")]
 SSH_SPEC = escape("ssh://[user@]host[:port]")  # help text is rich markup: the brackets must print
 DeviceOpt = Annotated[str, typer.Option("--device", "-d",
-                                        help=f"Where the artifact runs: host, arm64-emu or {SSH_SPEC} "
-                                             "(the last two after `recgpt-export device setup ...`).")]
+                                        help=f"Where the artifact runs: host, arm64-emu, {SSH_SPEC} or "
+                                             "adb:SERIAL (the last three after `recgpt-export device setup ...`).")]
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m",
                                               help="Checkpoint folder, .gguf file or builtin:NAME; "
                                                    "default: the recipe's model.source.")]
@@ -299,13 +299,15 @@ def recipes_show(
 
 @device_app.command("setup")
 def device_setup(
-    kind: Annotated[str, typer.Argument(help=f"The device to build: arm64-emu, or {SSH_SPEC}.")],
+    kind: Annotated[str, typer.Argument(help=f"The device to build: arm64-emu, {SSH_SPEC} or adb:SERIAL.")],
     directory: Annotated[Path | None, typer.Option(
         "--dir", help="Folder of device environments (default: $RECGPT_DEVICES_DIR, else "
                       "~/.cache/recgpt-export/devices); later commands read $RECGPT_DEVICES_DIR.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even when it is up to date.")] = False,
     cpu: Annotated[str, typer.Option(help="arm64-emu: the qemu CPU model runs emulate (max, or a phone core "
                                           "such as cortex-a76: its features pick the kernels).")] = "max",
+    runners: Annotated[Path | None, typer.Option(
+        "--runners", help="adb: a folder of runners built for Android with the NDK, as <target>/<runner>.")] = None,
 ) -> None:
     """Build a device's environment once (minutes; from Debian packages and PyPI wheels, no hub)."""
     from exporter.devices import arm64_emu
@@ -317,8 +319,14 @@ def device_setup(
 
             ssh.setup(kind, progress=StageProgress())
             return
+        if kind.startswith("adb:"):
+            from exporter.devices import adb
+
+            adb.setup(kind, runners, progress=StageProgress())
+            return
         if kind != arm64_emu.KIND:
-            raise UsageError(f"no setup for device {kind!r}", hint=f"set up {arm64_emu.KIND} or ssh://[user@]host[:port]")
+            raise UsageError(f"no setup for device {kind!r}",
+                             hint=f"set up {arm64_emu.KIND}, ssh://[user@]host[:port] or adb:SERIAL")
         root = directory / kind if directory else None
         arm64_emu.setup(root, progress=StageProgress(), force=force, cpu=cpu)
 

@@ -1,6 +1,8 @@
-"""The device layer on this machine: the native ExecuTorch runner built for the host and run
-through the same protocol a phone or the ARM64 emulator runs it with (device_tests/ runs it
-under qemu). Real runtimes only: the runner links the installed executorch's libraries."""
+"""The device layer on this machine: the device runners (ExecuTorch's native one, ONNX
+Runtime's script) built for the host and run through the same protocol a phone or the ARM64
+emulator runs them with (device_tests/ runs them under qemu). Real runtimes only: the
+ExecuTorch runner links the installed executorch's libraries, the ONNX one imports the
+installed onnxruntime."""
 
 from __future__ import annotations
 
@@ -27,10 +29,11 @@ class NativeHost(HostDevice):
 
 @pytest.fixture(scope="module")
 def runners(tmp_path_factory):
-    from exporter.backends.executorch.native.build import build_for_host
+    from exporter.backends import backend_class
 
     root = tmp_path_factory.mktemp("runners")
-    build_for_host(root / "executorch")
+    for target in ("executorch", "onnx"):
+        backend_class(target).native_runner.build_for_host(root / target)
     return root
 
 
@@ -67,6 +70,31 @@ def test_the_native_runner_computes_what_the_python_runtime_does(runners, int4_a
         native.close()
     assert facts.kind == "native-host" and facts.runner.startswith("et_runner sha256:")
     assert native.vocab == 384 and native.threads == 1
+
+
+def test_the_onnx_script_runner_computes_what_the_python_runtime_does(runners, tiny_checkpoints, tmp_path):
+    from exporter.artifact import read_artifact
+    from exporter.backends import get_backend
+    from exporter.devices.native import open_native_runner
+    from exporter.pipeline import export
+    from exporter.recipe_io import load_recipe
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.toml", "tiny-onnx-int4", '[target]\nname = "onnx"\n'
+                                      + quant_rules("int4_weight", symmetric=False)))
+    artifact = read_artifact(export(recipe, out_dir=tmp_path / "art", model=str(tiny_checkpoints["qwen3"])))
+    backend = get_backend("onnx")
+    native, facts = open_native_runner(NativeHost(runners), backend, artifact, threads=1)
+    python = backend.load_runner(artifact, threads=1)
+    tokens = [5, 17, 33, 60, 100, 7, 9, 12] * 5
+    try:
+        # The same library and kernels in another process: the same bits.
+        np.testing.assert_array_equal(native.prefill(tokens), python.prefill(tokens))
+        np.testing.assert_array_equal(native.decode(42, 40), python.decode(42, 40))
+        first_s, decode_s, steps = native.greedy_timed(tokens[:8], 5)
+        assert steps == 4 and first_s > 0 and decode_s > 0
+    finally:
+        native.close()
+    assert facts.runner.startswith("ort_runner.py sha256:") and native.threads == 1
 
 
 def test_verify_on_a_device_compares_with_the_host_run(runners, int4_artifact):
@@ -108,9 +136,9 @@ def test_a_target_without_a_native_runner_is_refused(runners, tiny_checkpoints, 
     from exporter.pipeline import export, verify
     from exporter.recipe_io import load_recipe
 
-    recipe = load_recipe(write_recipe(tmp_path / "r.toml", "tiny-onnx", '[target]\nname = "onnx"\n'))
+    recipe = load_recipe(write_recipe(tmp_path / "r.toml", "tiny-coreml", '[target]\nname = "coreml"\n'))
     folder = export(recipe, out_dir=tmp_path / "art", model=str(tiny_checkpoints["qwen3"]))
-    with pytest.raises(UnsupportedError, match="the onnx target has no native runner for host yet"):
+    with pytest.raises(UnsupportedError, match="the coreml target has no native runner for host yet"):
         verify(folder, device=NativeHost(runners))
 
 

@@ -66,13 +66,22 @@ class Capabilities:
 
 @dataclass(frozen=True, kw_only=True)
 class NativeRunnerSpec:
-    """A backend's device runner: a small native program built per device (devices/), which
-    speaks the line protocol of devices/native.py."""
+    """A backend's device runner: a small program built per device (devices/), which speaks
+    the line protocol of devices/native.py."""
 
-    name: str  # the binary's name
+    name: str  # the binary's (or script's) name
     runtime_package: str  # the pinned distribution whose platform wheel it is built against
-    build: Callable[..., Path]  # build(wheel, out_dir, compiler=) -> the binary, its libraries beside it
+    # build(wheels, out_dir, compiler=) -> the runner, what it loads beside it; wheels are the
+    # runtime's then the companions', all for the device's platform
+    build: Callable[..., Path]
     build_for_host: Callable[..., Path]  # build_for_host(out_dir) -> the same against the installed runtime
+    companion_packages: tuple[str, ...] = ()  # further pinned wheels the runner loads (numpy)
+    # a Python script the device's bare interpreter runs (Device.interpreter), not a binary
+    interpreted: bool = False
+
+    @property
+    def packages(self) -> tuple[str, ...]:
+        return (self.runtime_package, *self.companion_packages)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,4 +1,4 @@
-"""Where an artifact is checked: the host, an ARM64 emulator, a machine over ssh (adb next).
+"""Where an artifact is checked: the host, an ARM64 emulator, a machine over ssh, a phone over adb.
 
 ``verify`` and ``bench`` reach the artifact through a ``Device`` (devices/base.py): push the
 folder, run a command there, pull a result back, and describe the device for the reports.
@@ -13,12 +13,12 @@ from exporter.errors import UsageError
 
 __all__ = ["Device", "DeviceInfo", "RunResult", "get_device", "DEVICE_KINDS"]
 
-DEVICE_KINDS = ("host", "arm64-emu", "ssh://[user@]host[:port]")
+DEVICE_KINDS = ("host", "arm64-emu", "ssh://[user@]host[:port]", "adb:SERIAL")
 
 
 def get_device(spec: str | Device = "host") -> Device:
-    """The device named by ``spec``: "host", "arm64-emu" or "ssh://[user@]host[:port]" (the
-    last two set up by `device setup`); a Device is taken as it is."""
+    """The device named by ``spec``: "host", "arm64-emu", "ssh://[user@]host[:port]" or
+    "adb:SERIAL" (the last three set up by `device setup`); a Device is taken as it is."""
     if isinstance(spec, Device):
         return spec
     if spec == "host":
@@ -34,6 +34,7 @@ def get_device(spec: str | Device = "host") -> Device:
 
         return SshDevice(spec)
     if spec.startswith("adb:"):
-        raise UsageError(f"device {spec!r}: the adb transport is not built yet",
-                         hint="use --device host, arm64-emu or ssh://[user@]host[:port]")
+        from exporter.devices.adb import AdbDevice
+
+        return AdbDevice(spec)
     raise UsageError(f"unknown device {spec!r}", hint=f"use one of {', '.join(DEVICE_KINDS)}")

@@ -1,13 +1,14 @@
 """arm64-emu: an ARM64 Linux userland under qemu-user, built from Debian packages and PyPI wheels.
 
-``setup`` needs no hub and no chroot: qemu-aarch64-static runs aarch64 binaries against the
-cross toolchain's sysroot (``-L /usr/aarch64-linux-gnu``), and each backend that declares a
-native runner gets it cross-compiled against its pinned runtime's ``manylinux_2_28_aarch64``
-wheel (the ARM kernels a phone runs: XNNPACK's NEON paths, not the x86 ones). Everything lives
-in one folder (default ``~/.cache/recgpt-export/devices/arm64-emu``), built beside it and
-renamed into place, so an interrupted setup leaves nothing half-built. Python does not run
-there (ExecuTorch's bindings need an aarch64 torch), so verify and bench drive the native
-runners from the host.
+``setup`` needs no hub, no root and no chroot: qemu-aarch64-static runs aarch64 programs
+against a Debian arm64 userland unpacked into the device's folder (devices/debian_sysroot.py:
+the C and C++ runtimes, a Python, and an ARM /proc/cpuinfo), and each backend that declares
+a device runner gets it built against its pinned runtime's ``manylinux_2_28_aarch64`` wheel
+(the ARM kernels a phone runs: XNNPACK's NEON paths and ONNX Runtime's ARM MLAS, not the x86
+ones). Everything lives in one folder (default ``~/.cache/recgpt-export/devices/arm64-emu``),
+built beside it and renamed into place, so an interrupted setup leaves nothing half-built.
+This tool's own Python does not run there (ExecuTorch's bindings need an aarch64 torch), so
+verify and bench drive the runners from the host.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from importlib import metadata
@@ -24,14 +24,15 @@ from pathlib import Path
 
 from exporter.devices.base import DeviceInfo
 from exporter.devices.host import HostDevice
+from exporter.devices.runner_build import CROSS_COMPILERS
 from exporter.errors import StageError, UsageError
 
 KIND = "arm64-emu"
 QEMU = "qemu-aarch64-static"
-COMPILER = "aarch64-linux-gnu-g++"
-SYSROOT = Path("/usr/aarch64-linux-gnu")
+COMPILER = CROSS_COMPILERS["aarch64"]
+SYSROOT = Path("/usr/aarch64-linux-gnu")  # the cross compiler's (build time only)
+USERLAND = "sysroot"  # the device folder's Debian arm64 userland (run time)
 DEBIAN_PACKAGES = ("qemu-user-static", "g++-aarch64-linux-gnu")
-WHEEL_PLATFORM = "manylinux_2_28_aarch64"
 STATE = "device.json"
 # qemu's CPU models: "max" has every feature qemu emulates (SVE2, SME, i8mm: kernels few
 # phones can run); cortex-a76 is a 2019-2021 phone big core (dotprod, no i8mm, no SVE).
@@ -59,17 +60,20 @@ class Arm64EmuDevice(HostDevice):
 
     def describe(self) -> DeviceInfo:
         return DeviceInfo(kind=KIND, name=f"{KIND} ({self.cpu})", arch="aarch64", cpu_count=os.cpu_count() or 1,
-                          emulated=True)
+                          emulated=True, features=tuple(self.state.get("cpu_features", ())))
 
     @property
     def cpu(self) -> str:
         return self.state.get("cpu", "max")
 
     def _wrap(self, argv: Sequence[str]) -> list[str]:
-        return [QEMU, "-cpu", self.cpu, "-L", str(SYSROOT), *argv]
+        return emulated(self.root / USERLAND, self.cpu, argv)
 
     def python(self) -> list[str] | None:
         return None
+
+    def interpreter(self) -> list[str] | None:
+        return [str(self.root / USERLAND) + self.state["userland"]["python"]]
 
     def native_runner(self, target: str) -> Path | None:
         entry = self.state.get("runners", {}).get(target)
@@ -80,6 +84,11 @@ class Arm64EmuDevice(HostDevice):
 
     def runtime_of(self, target: str) -> str:
         return self.state.get("runners", {}).get(target, {}).get("runtime", "")
+
+
+def emulated(userland: Path, cpu: str, argv: Sequence[str]) -> list[str]:
+    """The host command that runs the aarch64 ``argv`` on CPU model ``cpu`` over ``userland``."""
+    return [QEMU, "-cpu", cpu, "-L", str(userland), *argv]
 
 
 def status(root: Path | None = None) -> dict | None:
@@ -116,52 +125,56 @@ def _tools(progress: Callable[[str], None]) -> None:
                              hint=f"install {' and '.join(DEBIAN_PACKAGES)} by hand, then run setup again")
 
 
-def _download_wheel(package: str, version: str, into: Path) -> Path:
-    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-               "--platform", WHEEL_PLATFORM, "--python-version", f"{sys.version_info.major}{sys.version_info.minor}",
-               f"{package}=={version}", "-d", str(into)]
-    proc = subprocess.run(command, capture_output=True, text=True)
-    wheels = sorted(into.glob(f"{package.replace('-', '_')}-{version}-*.whl"))
-    if proc.returncode != 0 or not wheels:
-        tail = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-        raise StageError(f"pip download of {package}=={version} for {WHEEL_PLATFORM} failed: {tail}",
-                         stage="device setup", hint="the package registry must be reachable for setup (once)")
-    return wheels[0]
+HWCAP_PROBE = ("import ctypes; f = ctypes.CDLL(None).getauxval; f.restype = ctypes.c_ulong; "
+               "f.argtypes = [ctypes.c_ulong]; print(f(16), f(26))")
 
 
-def build_aarch64_runner(spec, version: str, out_dir: Path, downloads: Path,
-                         progress: Callable[[str], None]) -> tuple[Path, Path]:
-    """A backend's native runner for aarch64 (cross-compiled against the pinned runtime's
-    aarch64 wheel, downloaded into ``downloads``) in ``out_dir``; the binary and the wheel."""
-    downloads.mkdir(parents=True, exist_ok=True)
-    progress(f"downloading {spec.runtime_package}=={version} for {WHEEL_PLATFORM}")
-    wheel = _download_wheel(spec.runtime_package, version, downloads)
-    progress(f"building the {spec.runtime_package} runner for aarch64")
-    return spec.build(wheel, out_dir, compiler=COMPILER), wheel
+def cpu_features(userland: Path, python: str, cpu: str) -> tuple[str, ...]:
+    """The hwcaps qemu's CPU model ``cpu`` reports to programs (getauxval), by name."""
+    from exporter.devices.native import hardware_features
+
+    proc = subprocess.run(emulated(userland, cpu, [str(userland) + python, "-c", HWCAP_PROBE]),
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise StageError(f"the {KIND} userland's Python does not start under {QEMU}: "
+                         f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}", stage="device setup")
+    hwcap, hwcap2 = (int(v) for v in proc.stdout.split())
+    return hardware_features("aarch64", hwcap, hwcap2)
+
+
+def _describe_cpu(root: Path, state: dict, cpu: str) -> None:
+    """Point the userland's /proc/cpuinfo (and the state) at CPU model ``cpu``."""
+    from exporter.devices.debian_sysroot import write_cpuinfo
+
+    userland = root / USERLAND
+    features = cpu_features(userland, state["userland"]["python"], cpu)
+    write_cpuinfo(userland, cpu, os.cpu_count() or 1, features=features)
+    state["cpu"], state["cpu_features"] = cpu, list(features)
 
 
 def setup(root: Path | None = None, *, progress: Callable[[str], None] = lambda _m: None,
           force: bool = False, cpu: str = "max") -> dict:
-    """Build the emulator's folder: a native runner per backend that declares one. Idempotent:
-    nothing is rebuilt while the pinned runtimes are the ones it was built against; ``cpu``
-    (a qemu CPU model, CPU_MODELS) is what later runs emulate."""
+    """Build the emulator's folder: a Debian arm64 userland and a runner per backend that
+    declares one. Idempotent: nothing is rebuilt while the pinned runtimes are the ones it was
+    built against; ``cpu`` (a qemu CPU model, CPU_MODELS) is what later runs emulate."""
     from exporter.artifact import sha256_file
     from exporter.backends import backend_class, known_targets
+    from exporter.devices import debian_sysroot
+    from exporter.devices.runner_build import build_device_runner
 
     if cpu not in CPU_MODELS:
         raise UsageError(f"unknown CPU model {cpu!r}", hint=f"use one of {', '.join(CPU_MODELS)}")
     root = Path(root) if root else default_root()
-    wanted = {}
-    for target in known_targets():
-        spec = backend_class(target).native_runner
-        if spec is not None:
-            wanted[target] = (spec, metadata.version(spec.runtime_package))
+    wanted = {t: spec for t in known_targets() if (spec := backend_class(t).native_runner) is not None}
+
+    def runtime(spec) -> str:
+        return " ".join(f"{package} {metadata.version(package)}" for package in spec.packages)
+
     current = status(root)
-    if current and not force and all(
-            current.get("runners", {}).get(t, {}).get("runtime") == f"{spec.runtime_package} {version}"
-            for t, (spec, version) in wanted.items()):
-        if current.get("cpu", "max") != cpu:
-            current["cpu"] = cpu
+    if current and not force and "userland" in current and all(
+            current.get("runners", {}).get(t, {}).get("runtime") == runtime(spec) for t, spec in wanted.items()):
+        if current.get("cpu") != cpu:
+            _describe_cpu(root, current, cpu)
             (root / STATE).write_text(json.dumps(current, indent=2) + "\n")
         progress(f"{KIND} is set up at {root} (runners: {', '.join(current['runners']) or 'none'}; CPU {cpu})")
         return current
@@ -169,21 +182,25 @@ def setup(root: Path | None = None, *, progress: Callable[[str], None] = lambda 
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{KIND}.partial-", dir=root.parent))
     try:
-        runners = {}
-        for target, (spec, version) in wanted.items():
+        userland = debian_sysroot.build(staging / USERLAND, cpu=cpu, cpu_count=os.cpu_count() or 1,
+                                        progress=progress)
+        qemu = subprocess.run([QEMU, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+        state = {"kind": KIND, "arch": "aarch64", "qemu": qemu, "userland": userland, "runners": {}}
+        _describe_cpu(staging, state, cpu)
+        for target, spec in wanted.items():
             downloads = staging / "downloads"
-            binary, wheel = build_aarch64_runner(spec, version, staging / target, downloads, progress)
-            probe = subprocess.run([QEMU, "-L", str(SYSROOT), str(binary)], capture_output=True, text=True)
+            binary, wheel = build_device_runner(spec, staging / target, downloads, progress, arch="aarch64",
+                                                python_version=userland["python_version"])
+            launcher = [str(staging / USERLAND) + userland["python"]] if spec.interpreted else []
+            probe = subprocess.run(emulated(staging / USERLAND, cpu, [*launcher, str(binary)]),
+                                   capture_output=True, text=True)
             if "usage" not in probe.stdout:
                 raise StageError(f"the {target} runner does not start under {QEMU}: "
                                  f"{(probe.stderr.strip().splitlines() or ['no output'])[-1]}", stage="device setup")
-            runners[target] = {"binary": str(binary.relative_to(staging)), "sha256": sha256_file(binary),
-                               "runtime": f"{spec.runtime_package} {version}", "wheel": wheel.name,
-                               "wheel_sha256": sha256_file(wheel)}
+            state["runners"][target] = {"binary": str(binary.relative_to(staging)), "sha256": sha256_file(binary),
+                                        "runtime": runtime(spec), "wheel": wheel.name,
+                                        "wheel_sha256": sha256_file(wheel)}
             shutil.rmtree(downloads)
-        qemu = subprocess.run([QEMU, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
-        state = {"kind": KIND, "arch": "aarch64", "cpu": cpu, "qemu": qemu, "sysroot": str(SYSROOT),
-                 "runners": runners}
         (staging / STATE).write_text(json.dumps(state, indent=2) + "\n")
         if root.exists():
             shutil.rmtree(root)

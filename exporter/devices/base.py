@@ -70,6 +70,11 @@ class Device(ABC):
         """The command that starts this tool's Python on the device, or None: the device runs
         artifacts through the backends' native runners only."""
 
+    @abstractmethod
+    def interpreter(self) -> list[str] | None:
+        """A bare Python 3 on the device that runs script runners (``NativeRunnerSpec.interpreted``:
+        they bring their own packages beside them), or None."""
+
     def file_sha256(self, path: Path) -> str:
         """sha256 of a file on the device (the runner binary, for the reports)."""
         from exporter.artifact import sha256_file

@@ -71,6 +71,9 @@ class HostDevice(Device):
     def python(self) -> list[str] | None:
         return [sys.executable]
 
+    def interpreter(self) -> list[str] | None:
+        return [sys.executable]
+
     def native_runner(self, target: str) -> Path | None:
         if self._runners is None:
             return None

@@ -29,13 +29,13 @@ class NativeRunner(ChunkedRunner):
     """Logits through the device's native runner process (kept alive for a whole verify)."""
 
     def __init__(self, device: Device, binary: Path, program: Path, *, max_prefill_len: int, max_seq_len: int,
-                 threads: int, name: str) -> None:
+                 threads: int, name: str, launcher: Sequence[str] = ()) -> None:
         super().__init__(name, max_prefill_len=max_prefill_len, max_seq_len=max_seq_len)
         self.binary = binary
         self.binary_sha256 = device.file_sha256(binary)
         t0 = time.perf_counter()
         self._stderr = tempfile.TemporaryFile()
-        self._process = device.spawn([str(binary), str(program), str(threads)], stderr=self._stderr)
+        self._process = device.spawn([*launcher, str(binary), str(program), str(threads)], stderr=self._stderr)
         ready = self._header("READY").split()
         self.load_ms = (time.perf_counter() - t0) * 1e3
         self.vocab, self.threads = int(ready[1]), int(ready[2])
@@ -143,13 +143,17 @@ def open_native_runner(device: Device, backend, artifact, *, threads: int) -> tu
     if spec is None:
         raise UnsupportedError(f"the {backend.name} target has no native runner for {info.name} yet",
                                hint="verify and bench it on the host (--device host)")
+    launcher = device.interpreter() if spec.interpreted else []
+    if launcher is None:
+        raise UnsupportedError(f"the {backend.name} runner is a Python script and {info.name} has no Python",
+                               hint="check this target on arm64-emu or an ssh:// device with python3")
     binary = device.native_runner(backend.name)
     if binary is None:
         raise UsageError(f"{info.name} has no {backend.name} runner",
                          hint=f"run `recgpt-export device setup {device.spec}`")
     folder = device.push(artifact.path)
     model = artifact.manifest.model
-    runner = NativeRunner(device, binary, folder / artifact.manifest.roles["program"],
+    runner = NativeRunner(device, binary, folder / artifact.manifest.roles["program"], launcher=launcher,
                           max_prefill_len=model.max_prefill_len, max_seq_len=model.max_seq_len, threads=threads,
                           name=f"{backend.name} native runner on {info.name}")
     runtime = device.runtime_of(backend.name) or backend.runtime_name()

@@ -129,6 +129,15 @@ class SshDevice(Device):
     def python(self) -> list[str] | None:
         return None
 
+    def interpreter(self) -> list[str] | None:
+        return ["python3"]
+
+    def python_version(self) -> str | None:
+        """The remote python3's X.Y (script runners' wheels are built for it), or None."""
+        proc = subprocess.run(self.ssh_command("python3 -c 'import sys; print(*sys.version_info[:2], sep=\".\")'"),
+                              capture_output=True, text=True)
+        return proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else None
+
     def native_runner(self, target: str) -> Path | None:
         from exporter.backends import backend_class
 
@@ -137,7 +146,8 @@ class SshDevice(Device):
             return None
         home = self._checked("printf %s \"$HOME\"")
         binary = Path(home) / REMOTE_RUNNERS / target / spec.name
-        found = subprocess.run(self.ssh_command(f"test -x {shlex.quote(str(binary))}"), capture_output=True)
+        test = "-f" if spec.interpreted else "-x"  # a script runner is read by python3, not executed
+        found = subprocess.run(self.ssh_command(f"test {test} {shlex.quote(str(binary))}"), capture_output=True)
         return binary if found.returncode == 0 else None
 
     def file_sha256(self, path: Path) -> str:
@@ -147,6 +157,7 @@ class SshDevice(Device):
 def setup(spec: str, *, progress: Callable[[str], None] = lambda _m: None) -> dict:
     """Build each backend's native runner for the remote's architecture and copy it there."""
     from exporter.backends import backend_class, known_targets
+    from exporter.devices.runner_build import build_device_runner, host_python_version
 
     device = SshDevice(spec)
     info = device.describe()
@@ -158,19 +169,12 @@ def setup(spec: str, *, progress: Callable[[str], None] = lambda _m: None) -> di
             if runner is None:
                 continue
             out = Path(scratch) / target
-            if info.arch == os.uname().machine:
-                progress(f"building the {target} runner for {info.arch} (host compiler)")
-                runner.build_for_host(out)
-            elif info.arch == "aarch64":
-                from importlib import metadata
-
-                from exporter.devices.arm64_emu import build_aarch64_runner
-
-                build_aarch64_runner(runner, metadata.version(runner.runtime_package), out,
-                                     Path(scratch) / "downloads", progress)
-            else:
-                raise UsageError(f"{device.target} is {info.arch}: no runner build for it",
-                                 hint="the runners are built for x86_64 and aarch64")
+            python_version = device.python_version() if runner.interpreted else host_python_version()
+            if python_version is None:
+                progress(f"{target}: skipped (its runner is a Python script and the device has no python3)")
+                continue
+            build_device_runner(runner, out, Path(scratch) / "downloads", progress, arch=info.arch,
+                                python_version=python_version)
             remote = f"{REMOTE_RUNNERS}/{target}"
             device._checked(f"rm -rf {remote} && mkdir -p {remote}")
             device._scp([str(p) for p in sorted(out.iterdir())], f"{device.target.destination}:{remote}/")

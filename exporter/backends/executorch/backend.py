@@ -52,7 +52,7 @@ class ExecuTorchBackend(Backend):
     )
 
     native_runner = NativeRunnerSpec(name=native_build.RUNNER, runtime_package="executorch",
-                                     build=native_build.build_from_wheel, build_for_host=native_build.build_for_host)
+                                     build=native_build.build_from_wheels, build_for_host=native_build.build_for_host)
 
     def validate(self, recipe) -> None:
         if recipe.kv_cache.cache_update == "index_copy":

@@ -14,7 +14,16 @@ import json
 import time
 from pathlib import Path
 
-from exporter.backends.base import FUSED_IN_PLACE, Backend, Capabilities, LoweredProgram, Quantized, Storage
+from exporter.backends.base import (
+    FUSED_IN_PLACE,
+    Backend,
+    Capabilities,
+    LoweredProgram,
+    NativeRunnerSpec,
+    Quantized,
+    Storage,
+)
+from exporter.backends.onnx.native import build as native_build
 from exporter.backends.onnx.options import OnnxOptions
 from exporter.backends.onnx.runtime import EXTRA, MIN_OPSET, ort
 from exporter.errors import UnsupportedError, require
@@ -51,6 +60,9 @@ class OnnxBackend(Backend):
         kv_caches=frozenset({FUSED_IN_PLACE}),
         adopts_artifact_weights=True,
     )
+    native_runner = NativeRunnerSpec(name=native_build.RUNNER, runtime_package="onnxruntime",
+                                     companion_packages=("numpy",), interpreted=True,
+                                     build=native_build.build_from_wheels, build_for_host=native_build.build_for_host)
 
     def validate(self, recipe) -> None:
         opset = recipe.target.options.opset

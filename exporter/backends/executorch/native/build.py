@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from exporter.errors import StageError
@@ -71,8 +72,9 @@ def build_runner(executorch_root: Path, out_dir: Path, *, compiler: str) -> Path
     return binary
 
 
-def build_from_wheel(wheel: Path, out_dir: Path, *, compiler: str) -> Path:
-    """The runner for the wheel's platform (a device), built with a cross ``compiler``."""
+def build_from_wheels(wheels: Sequence[Path], out_dir: Path, *, compiler: str) -> Path:
+    """The runner for the executorch wheel's platform (a device), built with a cross ``compiler``."""
+    (wheel,) = wheels
     with tempfile.TemporaryDirectory(prefix="recgpt-et-wheel-") as scratch:
         return build_runner(unpack_wheel(wheel, Path(scratch)), out_dir, compiler=compiler)
 
