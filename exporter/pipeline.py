@@ -58,7 +58,8 @@ class Stage:
 
 def export(recipe: ExportRecipe, *, out_dir: Path, model: str | None = None, force: bool = False,
            progress: Progress = _quiet) -> Path:
-    from exporter.load import load_model, weights_digest
+    from exporter.decoder import DecoderShape
+    from exporter.load import load_model, read_config, resolve_checkpoint, weights_digest
     from exporter.quant.apply import float_decoder, quantize_decoder
     from exporter.quant.calibration import with_absolute_calibration
 
@@ -75,7 +76,9 @@ def export(recipe: ExportRecipe, *, out_dir: Path, model: str | None = None, for
 
     with art.atomic_dir(out_dir, overwrite=force) as tmp:
         with Stage("load", backend.name, timings, progress):
-            loaded = load_model(source, on_progress=progress)
+            checkpoint = resolve_checkpoint(source, on_progress=progress)
+            backend.check_shape(DecoderShape.from_config(read_config(checkpoint)), recipe)  # before the weights
+            loaded = load_model(checkpoint, on_progress=progress)
             facts = ModelFacts.of(loaded, recipe, source=source, weights_sha256=weights_digest(loaded.checkpoint_dir))
         with Stage("quantize", backend.name, timings, progress):
             lm = float_decoder(loaded.model, recipe, backend)

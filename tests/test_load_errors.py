@@ -72,3 +72,49 @@ def test_index_copy_cache_refused_for_executorch(cli, tmp_path, tiny_checkpoints
                        "--set", "kv_cache.attention=sdpa", "--set", "kv_cache.cache_update=index_copy")
     assert code == 5 and "'index_copy' builds a program that aborts the ExecuTorch 1.5.1 runtime" in err
     assert not (tmp_path / "out").exists()
+
+
+def _gguf(path, architecture: str, *, tensor_bytes: int = 1 << 20):
+    """A GGUF file written by the gguf package: its architecture, some metadata of every
+    kind the header reader must skip, and one tensor."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_uint32("test.block_count", 2)
+    writer.add_array("test.ids", [1, 2, 3])
+    writer.add_array("test.words", ["a", "bb"])
+    writer.add_float32("test.eps", 1e-6)
+    writer.add_tensor("token_embd.weight", np.zeros(tensor_bytes // 4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_an_unsupported_gguf_is_refused_from_its_header(cli, tmp_path, monkeypatch):
+    """Read from the header before the file is hashed or converted: under a second, and the
+    conversion cache stays empty (a 1 GB Gemma3 GGUF took 46 s to be refused before)."""
+    import time
+
+    from exporter.load import gguf_architecture
+
+    monkeypatch.setenv("RECGPT_EXPORT_CACHE", str(tmp_path / "cache"))
+    model = _gguf(tmp_path / "gemma.gguf", "gemma3", tensor_bytes=64 << 20)
+    assert gguf_architecture(model) == "gemma3"
+    t0 = time.perf_counter()
+    code, _, err = _export(cli, tmp_path, model)
+    assert time.perf_counter() - t0 < 1.0
+    assert code == 4 and "gemma.gguf: architecture 'gemma3' (GGUF general.architecture) is not supported" in err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_truncated_or_foreign_gguf_is_one_line(cli, tmp_path):
+    model = _gguf(tmp_path / "m.gguf", "llama")
+    (tmp_path / "cut.gguf").write_bytes(model.read_bytes()[:40])
+    code, _, err = _export(cli, tmp_path, tmp_path / "cut.gguf")
+    assert code == 4 and "ends inside its GGUF header" in err
+    (tmp_path / "fake.gguf").write_bytes(b"PK\x03\x04 not gguf")
+    code, _, err = _export(cli, tmp_path, tmp_path / "fake.gguf")
+    assert code == 4 and "is not a GGUF file" in err

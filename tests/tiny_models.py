@@ -48,7 +48,7 @@ def train_tokenizer(vocab_size: int = 384):
     )
 
 
-def tiny_config(arch: str, vocab_size: int):
+def tiny_config(arch: str, vocab_size: int, **overrides):
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     common = dict(
@@ -56,22 +56,25 @@ def tiny_config(arch: str, vocab_size: int):
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
+    head_dim = overrides.pop("head_dim", 32)
+    common.update(overrides)
     if arch == "llama":
         return LlamaConfig(**common, tie_word_embeddings=False)
     if arch == "qwen2":
         return Qwen2Config(**common, tie_word_embeddings=True)
     if arch == "qwen3":
-        return Qwen3Config(**common, head_dim=32, tie_word_embeddings=True)
+        return Qwen3Config(**common, head_dim=head_dim, tie_word_embeddings=True)
     raise ValueError(arch)
 
 
-def make_tiny_checkpoint(arch: str, out: Path, seed: int = 0) -> Path:
-    """Write a tiny checkpoint folder (safetensors + tokenizer) and return it."""
+def make_tiny_checkpoint(arch: str, out: Path, seed: int = 0, **overrides) -> Path:
+    """Write a tiny checkpoint folder (safetensors + tokenizer) and return it; ``overrides``
+    change the config (odd shapes: head_dim, intermediate_size, ...)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     tokenizer = train_tokenizer()
-    config = tiny_config(arch, vocab_size=len(tokenizer))
+    config = tiny_config(arch, vocab_size=len(tokenizer), **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():

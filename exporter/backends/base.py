@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from exporter.artifact import Artifact
+    from exporter.decoder import DecoderShape
     from exporter.manifest import IOSignature, ModelFacts
     from exporter.quant.tuning import Tunable
     from exporter.runners import Runner
@@ -141,6 +142,10 @@ class Backend(ABC):
 
     def validate(self, recipe: ExportRecipe) -> None:  # noqa: B027 - an optional hook; the default does nothing
         """Refuse, with UnsupportedError, what only this target knows it cannot run."""
+
+    def check_shape(self, shape: DecoderShape, recipe: ExportRecipe) -> None:  # noqa: B027 - optional hook
+        """Refuse, with UnsupportedError, a model whose shapes this target's runtime cannot
+        execute; called with the checkpoint's config, before any weight is loaded."""
 
     def eager_attention(self, recipe: ExportRecipe) -> tuple[str, str]:
         """(attention, cache_update) of the eager reference: the program's own, or the same math."""

@@ -77,6 +77,11 @@ class OnnxBackend(Backend):
                                    f"runs opsets up to {newest}; "
                                    f"set target.onnx.opset between {MIN_OPSET} and {newest}")
 
+    def check_shape(self, shape, recipe) -> None:
+        from exporter.backends.onnx.limits import check_attention
+
+        check_attention(shape, recipe.target.options.opset)
+
     def eager_attention(self, recipe) -> tuple[str, str]:
         # The graph's attention is GroupQueryAttention; the reference only needs the same math.
         return "sdpa", "index_copy"

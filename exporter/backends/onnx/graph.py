@@ -133,6 +133,12 @@ def _concat_rows(weights):
     )
 
 
+def attention_attributes(s) -> dict:
+    """The GroupQueryAttention node's attributes for a DecoderShape (limits.py probes the same)."""
+    return dict(num_heads=s.n_heads, kv_num_heads=s.n_kv_heads, scale=float(s.head_dim**-0.5),
+                do_rotary=1, rotary_interleaved=0, local_window_size=-1)
+
+
 def build_graph(lm, stored: dict | None = None, *, opset: int, fuse_projections: bool = True):
     """The ONNX ModelProto of a StaticCacheLM and facts about it for the manifest.
     ``stored``: module -> StoredWeight, as the onnx quantizer stored it (float without).
@@ -185,9 +191,7 @@ def build_graph(lm, stored: dict | None = None, *, opset: int, fuse_projections:
         attn_out, _, _ = g.node(
             "GroupQueryAttention",
             [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len_scalar, cos, sin],
-            f"/{prefix}/self_attn/GroupQueryAttention", n_out=3, domain=MS_DOMAIN,
-            num_heads=s.n_heads, kv_num_heads=s.n_kv_heads, scale=float(s.head_dim**-0.5),
-            do_rotary=1, rotary_interleaved=0, local_window_size=-1,
+            f"/{prefix}/self_attn/GroupQueryAttention", n_out=3, domain=MS_DOMAIN, **attention_attributes(s),
         )
         g.nodes[-1].output[1:] = [f"present.{i}.key", f"present.{i}.value"]
         o = project(g, attn_out, f"{prefix}.self_attn.o_proj", attn.o_proj)
