@@ -267,6 +267,11 @@ def inspect(folder: ArtifactDir, json_: JsonFlag = False) -> None:
     out_console.print(quant)
     out_console.print(f"kept float: {len(m.quantization['float'])} modules "
                       f"({len(m.quantization['unmatched'])} matched no rule)")
+    for entry in m.quantization.get("indivisible", []):  # manifests before 2026-12 have no such list
+        how = (f"last group padded to {entry['groups_per_row']} x {entry['group_size']}" if entry["action"] == "pad"
+               else "one group per row")
+        out_console.print(f"width {entry['width']} not a multiple of group {entry['group_size']}: {entry['module']} "
+                          f"({how})")
     out_console.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in m.timings_s.items()))
     out_console.print("versions: " + ", ".join(f"{k} {v}" for k, v in m.environment["packages"].items()))
 

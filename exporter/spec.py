@@ -16,6 +16,7 @@ from exporter.quant.schemes import GROUP_SIZES, MODULE_KINDS, SCHEMES, schemes_f
 SCHEMA_VERSION = 1
 DTYPES = ("float32",)
 RULE_KINDS = (*MODULE_KINDS, "any")
+INDIVISIBLE_POLICIES = ("auto", "pad", "per_channel", "refuse")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -174,10 +175,17 @@ class QuantSpec:
     # number tokens roughly by merge order, so the first rows are the frequent tokens the
     # model predicts most (docs/recipes.md, "Splitting the lm_head").
     lm_head_split: int = 0
+    # A layer whose input width the rule's group_size does not divide (docs/recipes.md,
+    # "Widths a group size does not divide"): "pad" its last group (where the target's format
+    # has partial groups), "per_channel" (one group per row), "refuse"; "auto": pad where
+    # the target can, else per_channel. The quant summary lists every such layer.
+    indivisible: str = "auto"
 
     def __post_init__(self) -> None:
         for i, rule in enumerate(self.rules):
             rule.validate(f"quant.rules[{i}]")
+        if self.indivisible not in INDIVISIBLE_POLICIES:
+            _fail("quant.indivisible", f"{self.indivisible!r} is not one of {', '.join(INDIVISIBLE_POLICIES)}")
         if self.lm_head_split < 0:
             _fail("quant.lm_head_split",
                   f"must be 0 (no split) or a number of vocabulary rows, got {self.lm_head_split}")

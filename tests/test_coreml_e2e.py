@@ -176,11 +176,12 @@ def test_compressed_package_stores_what_the_reference_computes(tiny_checkpoints,
     del torch
 
 
-def test_block_that_does_not_divide_is_refused(tiny_checkpoints, tmp_path, cli):
+def test_block_that_does_not_divide_is_refused_when_asked(tiny_checkpoints, tmp_path, cli):
     """The tiny models' layers are 64 or 128 wide: a block of 128 cannot split the 64-wide ones.
-    coremltools' own per-block quantizer would skip them silently; we refuse with exit 3."""
-    recipe = coreml_recipe(tmp_path / "r.toml", "x",
-                           rules("int4_weight").replace("group_size = 32", "group_size = 128"))
+    coremltools' own per-block quantizer would skip them silently; by default they get one
+    block per row (tests/test_indivisible.py), with "refuse" the export stops with exit 3."""
+    recipe = coreml_recipe(tmp_path / "r.toml", "x", '[quant]\nindivisible = "refuse"\n'
+                           + rules("int4_weight").replace("group_size = 32", "group_size = 128"))
     code, _, err = cli("export", recipe, "--model", tiny_checkpoints["qwen3"], "--out", tmp_path / "art")
     assert code == 3 and "does not divide the input width 64" in err
     assert not (tmp_path / "art").exists()

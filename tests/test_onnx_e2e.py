@@ -155,11 +155,13 @@ def test_generate_and_bench(onnx_fp32, cli, tiny_checkpoints):
     assert report["decode_tok_s"]["runs"] == 2 and report["bytes_per_decoded_token"] > 0
 
 
-def test_block_size_that_does_not_divide_a_layer(cli, tiny_checkpoints, tmp_path):
-    recipe = write_recipe(tmp_path / "r.toml", "x", ONNX_TARGET + rules("int4_weight", "int4_weight", 128))
+def test_block_size_that_does_not_divide_a_layer_refused_when_asked(cli, tiny_checkpoints, tmp_path):
+    """quant.indivisible = "refuse" (the default pads: tests/test_indivisible.py)."""
+    recipe = write_recipe(tmp_path / "r.toml", "x", ONNX_TARGET + '[quant]\nindivisible = "refuse"\n'
+                          + rules("int4_weight", "int4_weight", 128))
     code, _, err = cli("export", recipe, "--model", tiny_checkpoints["llama"], "--out", tmp_path / "art")
-    last_line = err.strip().splitlines()[-1]  # earlier lines are progress
-    assert code == 3 and "group_size: 128 does not divide the input width 64" in last_line
+    error = next(line for line in err.splitlines() if line.startswith("error:"))  # others: progress, the hint
+    assert code == 3 and "group_size: 128 does not divide the input width 64" in error
     assert not (tmp_path / "art").exists()
 
 

@@ -35,11 +35,19 @@ def test_first_match_wins_and_summary(lm):
     assert type(lm.model.layers[0].mlp.up_proj.weight).__name__ == "Parameter"
 
 
-def test_group_size_must_divide(lm):
+def test_a_group_size_that_does_not_divide(lm):
     # tiny intermediate_size is 128, hidden 64: group 128 does not divide the 64-wide inputs.
-    spec = QuantSpec(rules=(QuantRule(match="*", kind="linear", scheme="int8_dynact_int4_weight", group_size=128),))
+    rules = (QuantRule(match="*", kind="linear", scheme="int8_dynact_int4_weight", group_size=128),)
     with pytest.raises(RecipeError, match=r"quant\.rules\[0\]\.group_size: 128 does not divide the input width 64"):
-        plan(lm, spec)
+        plan(lm, QuantSpec(rules=rules, indivisible="refuse"))
+    summary = plan(lm, QuantSpec(rules=rules, indivisible="per_channel"))
+    q_proj = next(e for e in summary.indivisible if e["module"] == "model.layers.0.self_attn.q_proj")
+    assert q_proj == {"module": "model.layers.0.self_attn.q_proj", "width": 64, "group_size": 128,
+                      "action": "per_channel", "stored_group_size": 64, "groups_per_row": 1}
+    assert summary.rules[0].group_size_of("model.layers.0.self_attn.q_proj") == 64
+    assert summary.rules[0].group_size_of("model.layers.0.mlp.down_proj") == 128  # 128 wide: divides
+    padded = plan(lm, QuantSpec(rules=rules, indivisible="pad")).indivisible[0]
+    assert padded["action"] == "pad" and padded["stored_group_size"] == 128 and padded["groups_per_row"] == 1
 
 
 def test_linear_scheme_on_embedding_is_refused(lm):

@@ -26,8 +26,3 @@ def test_commands_never_prompt_and_take_the_configured_key(monkeypatch):
     assert command[:1] == ["ssh"] and command[-2:] == ["ci@farm-7", "uname -m"]
     assert "BatchMode=yes" in command and ["-i", "/keys/farm"] == command[command.index("-i"):command.index("-i") + 2]
     assert ["-p", "2022"] == command[command.index("-p"):command.index("-p") + 2]
-
-
-def test_adb_is_refused_in_one_line(cli, tmp_path):
-    code, _, err = cli("verify", tmp_path, "--device", "adb:emulator-5554")
-    assert code == 2 and "the adb transport is not built yet" in err

@@ -63,6 +63,8 @@ class Capabilities:
     kv_caches: frozenset[tuple[str, str]] = frozenset({FUSED_IN_PLACE})  # (attention, cache_update) it runs
     # verify can give the reference the artifact's own stored weights instead of rebuilding them
     adopts_artifact_weights: bool = False
+    # the storage format has a partial last group (a width the group size does not divide)
+    partial_groups: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -212,6 +214,9 @@ def check_declared(backend: type[Backend], recipe: ExportRecipe, targets_with: C
     if quant.lm_head_split and not caps.lm_head_split:
         raise refusal("quant.lm_head_split", "splitting the lm_head", name, "remove quant.lm_head_split",
                       targets_with("lm_head_split"))
+    if quant.indivisible == "pad" and not caps.partial_groups:
+        raise refusal("quant.indivisible", "padding a partial last group", name,
+                      'use "per_channel" or "auto"', targets_with("partial_groups"))
     kv = (recipe.kv_cache.attention, recipe.kv_cache.cache_update)
     if kv not in caps.kv_caches:
         runs = " or ".join(f"attention = {a!r} with cache_update = {u!r}" for a, u in sorted(caps.kv_caches))

@@ -10,18 +10,24 @@ backend's capabilities and checked before any work (backends/base.check_recipe).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Protocol
 
 from torch import nn
 
 from exporter.quant.plan import Quantized
 from exporter.spec import ExportRecipe, QuantSpec
 
+if TYPE_CHECKING:
+    from exporter.backends.base import Capabilities
+
 Progress = Callable[[str], None]
 
 
 class Quantizer(Protocol):
     """What this stage needs of a target (backends/base.Backend provides it)."""
+
+    capabilities: Capabilities
 
     def eager_attention(self, recipe: ExportRecipe) -> tuple[str, str]: ...
 
@@ -33,6 +39,14 @@ class Quantizer(Protocol):
 
 def _quiet(_: str) -> None:
     pass
+
+
+def resolve_indivisible(quant: QuantSpec, backend: Quantizer) -> QuantSpec:
+    """quant.indivisible = "auto" made concrete for the target: a padded last group where its
+    format has one (the most weights per scale), else one group per row."""
+    if quant.indivisible != "auto":
+        return quant
+    return replace(quant, indivisible="pad" if backend.capabilities.partial_groups else "per_channel")
 
 
 def float_decoder(hf_model, recipe: ExportRecipe, backend: Quantizer):
@@ -58,7 +72,7 @@ def build_quantized(loaded, recipe: ExportRecipe, backend: Quantizer):
 def quantize_decoder(lm, tokenizer, recipe: ExportRecipe, backend: Quantizer,
                      progress: Progress = _quiet) -> Quantized:
     """Smooth, split the lm_head, quantize and tune ``lm`` in place."""
-    quant = recipe.quant
+    quant = resolve_indivisible(recipe.quant, backend)
     tuning = quant.tuning
     if tuning.steps:
         from exporter.quant.calibration import calibration_samples, calibration_texts

@@ -43,8 +43,9 @@ def input_grams(lm: nn.Module, samples: Sequence[Sequence[int]],
     grams: dict[str, torch.Tensor] = {}
 
     def add(name: str, x: torch.Tensor) -> None:
-        block = block_sizes[name]
-        blocks = x.reshape(-1, x.shape[-1] // block, block).double()
+        from exporter.quant.grids import as_blocks
+
+        blocks = as_blocks(x.reshape(-1, x.shape[-1]), block_sizes[name]).double()
         gram = torch.einsum("tbi,tbj->bij", blocks, blocks)
         grams[name] = grams[name] + gram if name in grams else gram
 
@@ -140,7 +141,7 @@ def calibrate(lm: nn.Module, tokenizer, quant) -> tuple[dict[str, torch.Tensor],
     from exporter.quant.plan import module_kind, plan
 
     modules = dict(lm.named_modules())
-    block_sizes = {name: match.rule.group_size for match in plan(lm, quant).rules if match.rule.scheme != "float"
+    block_sizes = {name: match.group_size_of(name) for match in plan(lm, quant).rules if match.rule.scheme != "float"
                    for name in match.modules if module_kind(modules[name]) == "linear"}
     texts = calibration_texts(quant.scale_search, "quant.scale_search.calibration")
     samples = calibration_samples(lm, tokenizer, texts)

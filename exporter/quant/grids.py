@@ -49,3 +49,13 @@ def absmax_scales(blocks: torch.Tensor, qmax: int) -> torch.Tensor:
     """Symmetric scales on [-qmax, qmax] with each block's largest magnitude on +-qmax (Core ML's
     ``constexpr_blockwise_shift_scale`` grid, no zero point; the caller rounds them to what it stores)."""
     return blocks.abs().amax(dim=-1) / qmax
+
+
+def as_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``x`` [..., K] as [..., ceil(K / block), block], the last block padded with zeros (a
+    partial group: zeros change no block's extreme and add nothing to a product)."""
+    k = x.shape[-1]
+    pad = -k % block
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.reshape(*x.shape[:-1], (k + pad) // block, block)

@@ -23,6 +23,12 @@ from exporter.spec import QuantRule, QuantSpec
 class RuleMatch:
     rule: QuantRule
     modules: list[str] = field(default_factory=list)
+    # modules whose input width the rule's group_size does not divide -> the group size
+    # they are stored with (quant.indivisible = "per_channel": the width; "pad": the rule's)
+    group_sizes: dict[str, int] = field(default_factory=dict)
+
+    def group_size_of(self, name: str) -> int:
+        return self.group_sizes.get(name, self.rule.group_size)
 
 
 @dataclass(kw_only=True)
@@ -35,6 +41,8 @@ class QuantSummary:
     smoothing: dict | None = None  # what quant/smoothing.py did before quantizing, if anything
     scale_search: dict | None = None  # quant/calibration.py's record, when scales were searched
     tuning: dict | None = None  # quant/tuning.py's record, when the float parameters were tuned
+    # every module whose width the rule's group size does not divide, and what was done
+    indivisible: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -53,6 +61,7 @@ class QuantSummary:
             "smoothing": self.smoothing,
             "scale_search": self.scale_search,
             "tuning": self.tuning,
+            "indivisible": self.indivisible,
         }
 
     def float_modules(self) -> list[str]:
@@ -96,12 +105,14 @@ def fused_parts(model: nn.Module) -> dict[str, tuple[str, ...]]:
 
 
 def plan(model: nn.Module, spec: QuantSpec) -> QuantSummary:
-    """Decide, without changing the model, which rule each quantizable module falls under.
+    """Decide, without changing the model, which rule each quantizable module falls under,
+    and the group size of each module whose width its rule's does not divide
+    (``spec.indivisible``, resolved for the target: apply.resolve_indivisible).
 
     A fused Linear falls under the rule of the modules it replaced, which were fused only
     because they share one."""
     matches = [RuleMatch(rule=r) for r in spec.rules]
-    unmatched, fused = [], {}
+    unmatched, fused, indivisible = [], {}, []
     replaced = fused_parts(model)
     for name, module in model.named_modules():
         kind = module_kind(module)
@@ -116,7 +127,30 @@ def plan(model: nn.Module, spec: QuantSpec) -> QuantSummary:
             continue
         _check_applicable(spec.rules[i], name, module, kind, i)
         matches[i].modules.append(name)
-    return QuantSummary(rules=matches, unmatched=unmatched, fused=fused)
+        adjusted = _indivisible(spec, spec.rules[i], name, module, kind, i)
+        if adjusted:
+            matches[i].group_sizes[name] = adjusted["stored_group_size"]
+            indivisible.append(adjusted)
+    return QuantSummary(rules=matches, unmatched=unmatched, fused=fused, indivisible=indivisible)
+
+
+def _indivisible(spec: QuantSpec, rule: QuantRule, name: str, module: nn.Module, kind: str, index: int) -> dict | None:
+    """What happens to a module whose input width ``rule.group_size`` does not divide (None: it divides)."""
+    if not SCHEMES[rule.scheme].uses_group_size:
+        return None
+    width = module.in_features if kind == "linear" else module.embedding_dim
+    if width % rule.group_size == 0:
+        return None
+    policy = spec.indivisible
+    if policy in ("refuse", "auto"):  # "auto" reaches here only unresolved (plan() called without a target)
+        raise RecipeError(f"quant.rules[{index}].group_size: {rule.group_size} does not divide the input width "
+                          f"{width} of {name}",
+                          hint='set quant.indivisible = "per_channel" (or "pad" where the target has partial groups), '
+                               "choose a group size that divides it, or keep that module float")
+    stored = rule.group_size if policy == "pad" else width
+    groups = -(-width // rule.group_size) if policy == "pad" else 1
+    return {"module": name, "width": width, "group_size": rule.group_size, "action": policy,
+            "stored_group_size": stored, "groups_per_row": groups}
 
 
 def _check_applicable(rule: QuantRule, name: str, module: nn.Module, kind: str, index: int) -> None:
@@ -126,8 +160,4 @@ def _check_applicable(rule: QuantRule, name: str, module: nn.Module, kind: str, 
         raise RecipeError(f"{path}.scheme: {rule.scheme} applies to {' and '.join(scheme.kinds)} layers, "
                           f"but it matched {kind} {name}; add kind = \"{scheme.kinds[0]}\" "
                           f"to the rule or put a {kind} rule before it")
-    if scheme.uses_group_size:
-        width = module.in_features if kind == "linear" else module.embedding_dim
-        if width % rule.group_size:
-            raise RecipeError(f"{path}.group_size: {rule.group_size} does not divide the input width {width} "
-                              f"of {name}; choose a group size that divides it or keep that module float")
+

@@ -8,6 +8,7 @@ MLModel.predict on macOS 15+. ``runtime_name()`` says which one ran.
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 from pathlib import Path
 
@@ -39,8 +40,9 @@ class CoreMLQuantSummary(QuantSummary):
         d["coreml"] = {
             "compute_precision": "fp16",
             "unlisted_weights": "fp16 (norms, biases, RoPE tables, modules kept float)",
-            # plan() refuses a block size that does not divide a layer's input width, so no
-            # layer is ever silently left uncompressed (coremltools' own per-block quantizer skips them).
+            # A block size that does not divide a layer's input width gives that layer one block
+            # per row (plan(); listed under "indivisible"), so no layer is ever silently left
+            # uncompressed (coremltools' own per-block quantizer skips them).
             "fallbacks": [],
         }
         return d
@@ -68,8 +70,8 @@ class CoreMLBackend(Backend):
         from exporter.backends.coreml.compress import quantize_for_coreml
 
         summary, compressed = quantize_for_coreml(lm, quant)
-        return Quantized(summary=CoreMLQuantSummary(rules=summary.rules, unmatched=summary.unmatched),
-                         stored=compressed)
+        fields = {f.name: getattr(summary, f.name) for f in dataclasses.fields(summary)}
+        return Quantized(summary=CoreMLQuantSummary(**fields), stored=compressed)
 
     def lower(self, lm, quantized, *, recipe, model: ModelFacts, out_dir: Path, on_stage) -> LoweredProgram:
         from exporter.backends.coreml.program import PACKAGE_DIR, build_package

@@ -98,7 +98,7 @@ def _int8_channels(weight: torch.Tensor, name: str, group_size: int) -> Compress
 
 
 def _int4_blocks(weight: torch.Tensor, name: str, group_size: int) -> Compressed:
-    if weight.shape[1] % group_size:  # plan() refuses this first; kept as a guard
+    if weight.shape[1] % group_size:  # plan() gives such a layer one block per row first; kept as a guard
         raise RecipeError(f"int4 block {group_size} does not divide the input size {weight.shape[1]} of {name}")
     return symmetric_blocks(weight, group_size, 7)
 
@@ -140,7 +140,7 @@ def quantize_for_coreml(lm: nn.Module, spec) -> tuple[QuantSummary, dict[nn.Modu
                 continue
             for name in match.modules:
                 module = modules[name]
-                comp = compress_module(module, name, match.rule.scheme, match.rule.group_size)
+                comp = compress_module(module, name, match.rule.scheme, match.group_size_of(name))
                 module.weight.copy_(torch.from_numpy(comp.dequantize()))
                 compressed[module] = comp
     return summary, compressed

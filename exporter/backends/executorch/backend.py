@@ -49,6 +49,8 @@ class ExecuTorchBackend(Backend):
         # XNNPACK has no zero points; int4 linears carry theirs as offsets (quantizer.GroupOffsetLinear).
         asymmetric=frozenset({"int8_dynact_int4_weight"}),
         kv_caches=frozenset({FUSED_IN_PLACE, ("sdpa", "custom")}),
+        # a partial last group as a Linear over zero-padded inputs (quantizer.PaddedInputLinear)
+        partial_groups=True,
     )
 
     native_runner = NativeRunnerSpec(name=native_build.RUNNER, runtime_package="executorch",

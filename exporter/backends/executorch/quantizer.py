@@ -29,11 +29,15 @@ def apply_quantization(model: nn.Module, spec: QuantSpec, grams: dict | None = N
     import torch
     from torchao.quantization import quantize_
 
+    stored_as = _store_indivisible(model, summary)
+
     by_config: dict[tuple[str, int, bool], set[str]] = {}
     for m in summary.rules:
-        if m.rule.scheme != "float" and m.modules:
-            key = (m.rule.scheme, m.rule.group_size if SCHEMES[m.rule.scheme].uses_group_size else 0, m.rule.symmetric)
-            by_config.setdefault(key, set()).update(m.modules)
+        if m.rule.scheme == "float":
+            continue
+        for name in m.modules:  # a module's own group size: the whole row where the rule's does not divide it
+            group_size = m.group_size_of(name) if SCHEMES[m.rule.scheme].uses_group_size else 0
+            by_config.setdefault((m.rule.scheme, group_size, m.rule.symmetric), set()).add(name)
     # Embeddings with padding_idx export to a pattern that no out-variant kernel matches
     # ("Missing out variants: torchao::dequantize_affine"); the index only matters for training.
     for _, module in model.named_modules():
@@ -48,22 +52,90 @@ def apply_quantization(model: nn.Module, spec: QuantSpec, grams: dict | None = N
                           filter_fn=lambda mod, fqn, names=names: fqn in names)
                 continue
             # One module at a time: its codes come from its float weight, which torchao replaces.
-            for name in sorted(names):
+            for planned in sorted(names):
+                name = stored_as.get(planned, planned)
                 module = modules[name]
                 offsets = None
                 if symmetric:
-                    gram = (grams or {}).get(replaced.get(name, (name,))[0])
+                    gram = (grams or {}).get(replaced.get(planned, (planned,))[0])
                     codes, scales = int4_group_levels(module.weight, group_size, linear=isinstance(module, nn.Linear),
                                                       gram=gram)
                 else:
                     codes, scales, offsets = int4_group_offsets(module.weight, group_size)
-                quantize_(model, torchao_config(scheme, group_size), filter_fn=lambda mod, fqn, name=name: fqn == name)
+                quantize_(model, torchao_config(scheme, torchao_group_size(module, group_size)),
+                          filter_fn=lambda mod, fqn, name=name: fqn == name)
                 _set_int4_codes(module.weight, codes, scales)
                 if offsets is not None:
                     parent_name, _, child = name.rpartition(".")
                     parent = modules[parent_name] if parent_name else model
                     setattr(parent, child, GroupOffsetLinear(module, offsets, group_size))
     return summary
+
+
+XNNPACK_GROUP_MULTIPLE = 32  # the delegate takes int4 groups of multiples of 32 inputs only
+
+
+def _store_indivisible(model: nn.Module, summary: QuantSummary) -> dict[str, str]:
+    """Make each module whose width its rule's group size does not divide storable on
+    XNNPACK, and correct the summary to say how: a Linear under "pad" becomes a
+    ``PaddedInputLinear`` (returned: planned name -> the name of the Linear to quantize); an
+    embedding keeps its whole row as one group (the quantized embedding kernel takes any
+    group that divides the row, no partial one)."""
+    from exporter.errors import UnsupportedError
+
+    modules = dict(model.named_modules())
+    matches = {name: m for m in summary.rules for name in m.modules}
+    stored_as = {}
+    for entry in summary.indivisible:
+        name, width = entry["module"], entry["width"]
+        module = modules[name]
+        if isinstance(module, nn.Embedding) or entry["action"] == "per_channel":
+            if isinstance(module, nn.Linear) and width % XNNPACK_GROUP_MULTIPLE:
+                raise UnsupportedError(
+                    f'quant.indivisible = "per_channel": {name} would be one group of {width} inputs, and XNNPACK '
+                    f"runs int4 groups of multiples of {XNNPACK_GROUP_MULTIPLE} only",
+                    hint='use quant.indivisible = "pad" (or "auto"): the input is padded to whole groups')
+            entry.update(action="per_channel", stored_group_size=width, groups_per_row=1)
+            matches[name].group_sizes[name] = width
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else model
+        padded = PaddedInputLinear(module, entry["groups_per_row"] * entry["group_size"])
+        setattr(parent, child, padded)
+        entry["padded_width"] = padded.linear.in_features
+        stored_as[name] = f"{name}.linear"
+    return stored_as
+
+
+class PaddedInputLinear(nn.Module):
+    """A Linear whose input width no group size divides, stored as one over ``width`` inputs
+    (the weight's extra columns zero) and fed its input padded with zeros: the same outputs,
+    whole int4 groups XNNPACK delegates, a partial last group's worth of extra work."""
+
+    def __init__(self, linear: nn.Linear, width: int) -> None:
+        import torch
+
+        super().__init__()
+        self.pad = width - linear.in_features
+        self.linear = nn.Linear(width, linear.out_features, bias=linear.bias is not None)
+        with torch.no_grad():
+            self.linear.weight.zero_()
+            self.linear.weight[:, :linear.in_features] = linear.weight
+            if linear.bias is not None:
+                self.linear.bias.copy_(linear.bias)
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features - self.pad
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+    def forward(self, x):
+        import torch
+
+        return self.linear(torch.nn.functional.pad(x, (0, self.pad)))
 
 
 def _set_int4_codes(weight, codes, scales) -> None:
@@ -147,7 +219,7 @@ class GroupOffsetLinear(nn.Module):
         self.offset = nn.Linear(n_groups, main.out_features, bias=False)
         with torch.no_grad():
             self.offset.weight.copy_(offsets)
-        quantize_(self, torchao_config("int8_dynact_int4_weight", group_size),
+        quantize_(self, torchao_config("int8_dynact_int4_weight", torchao_group_size(self.group_sum, group_size)),
                   filter_fn=lambda m, fqn: fqn == "group_sum")
         quantize_(self, torchao_config("int8_dynact_int8_weight", 0), filter_fn=lambda m, fqn: fqn == "offset")
         ones = torch.zeros(n_groups, n_groups, group_size, dtype=torch.int8)
@@ -158,15 +230,24 @@ class GroupOffsetLinear(nn.Module):
         return self.main(x) + self.offset(self.group_sum(x))
 
 
+def torchao_group_size(module: nn.Module, group_size: int) -> int:
+    """A Linear whose group is its whole row (quant.indivisible = "per_channel") is stored per
+    output channel (0: PerAxis): XNNPACK delegates groups only in multiples of 32, per-channel
+    int4 at any width. Embeddings keep the row as their group (the quantized embedding kernel
+    takes any group that divides the row)."""
+    return 0 if isinstance(module, nn.Linear) and group_size == module.in_features else group_size
+
+
 def torchao_config(scheme: str, group_size: int):
-    """The torchao config that stores ``scheme`` (its bits, grouping and activations) for XNNPACK."""
+    """The torchao config that stores ``scheme`` (its bits, grouping and activations) for
+    XNNPACK; ``group_size`` 0 stores a grouped scheme per output channel."""
     import torch
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerAxis, PerGroup
 
     described = SCHEMES[scheme]
     weight_dtype = {8: torch.int8, 4: torch.int4}[described.weight_bits]
-    granularity = PerGroup(group_size) if described.uses_group_size else PerAxis(0)
+    granularity = PerGroup(group_size) if described.uses_group_size and group_size else PerAxis(0)
     if described.dynamic_activations:
         return Int8DynamicActivationIntxWeightConfig(weight_dtype=weight_dtype, weight_granularity=granularity)
     return IntxWeightOnlyConfig(weight_dtype=weight_dtype, granularity=granularity)

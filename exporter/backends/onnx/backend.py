@@ -59,6 +59,7 @@ class OnnxBackend(Backend):
         # The graph always uses GroupQueryAttention over an in-place cache.
         kv_caches=frozenset({FUSED_IN_PLACE}),
         adopts_artifact_weights=True,
+        partial_groups=True,  # MatMulNBits / GatherBlockQuantized take K that blocks do not divide
     )
     native_runner = NativeRunnerSpec(name=native_build.RUNNER, runtime_package="onnxruntime",
                                      companion_packages=("numpy",), interpreted=True,

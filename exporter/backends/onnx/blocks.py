@@ -137,12 +137,14 @@ def fake_quantize_activation(x, block_size: int):
     it up to summation order (docs/targets/onnx.md)."""
     import torch
 
+    from exporter.quant.grids import as_blocks
+
     shape = x.shape
-    blocks = x.reshape(*shape[:-1], shape[-1] // block_size, block_size)
+    blocks = as_blocks(x, block_size)  # a partial last block: the kernel's is padded with zeros too
     scale = blocks.abs().amax(dim=-1, keepdim=True) / 127.0
     inverse = torch.where(scale != 0, 1.0 / torch.where(scale != 0, scale, 1.0), 0.0)
     q = torch.round(blocks * inverse)  # torch.round: half to even, like the kernel's nearest-even
-    quantized = (q * scale).reshape(shape)
+    quantized = (q * scale).reshape(*shape[:-1], -1)[..., :shape[-1]]
     if x.requires_grad and torch.is_grad_enabled():
         # Training through it (quant/tuning.py): the rounding's gradient taken as 1. Only
         # then: x + (q - x) need not equal q to the last bit.

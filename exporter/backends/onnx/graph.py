@@ -272,6 +272,9 @@ def _embedding(g: GraphWriter, lm) -> str:
     inputs = [data, "input_ids", scales] + ([zero] if zero else [])
     (y,) = g.node("GatherBlockQuantized", inputs, "/model/embed_tokens/GatherBlockQuantized", domain=MS_DOMAIN,
                   bits=weight.bits, block_size=weight.block_size, gather_axis=0, quantize_axis=1)
+    width = weight.shape[1]
+    if weight.k_blocks * weight.block_size != width:  # a padded last block: the rows come out padded
+        (y,) = g.node("Slice", [y, g.ints([0]), g.ints([width]), g.ints([-1])], "/model/embed_tokens/Slice")
     return y
 
 

@@ -22,7 +22,6 @@ from exporter.backends.onnx.blocks import (
     fake_quantize_activation,
     quantize_blockwise,
 )
-from exporter.errors import RecipeError
 from exporter.quant.plan import Quantized, plan
 from exporter.quant.schemes import SCHEMES
 
@@ -34,6 +33,12 @@ def linear_storage(scheme: str) -> tuple[int, int]:
     return described.weight_bits, ACCURACY_INT8 if described.dynamic_activations else ACCURACY_FLOAT
 
 
+def onnx_block_size(group_size: int) -> int:
+    """MatMulNBits and GatherBlockQuantized take power-of-two blocks of 16 or more: a group
+    of a whole row (quant.indivisible = "per_channel") becomes one padded block."""
+    return max(16, 1 << (group_size - 1).bit_length())
+
+
 class _QuantJob(NamedTuple):
     """One module to quantize: its rule and the storage the rule gives it."""
 
@@ -42,12 +47,13 @@ class _QuantJob(NamedTuple):
     module: nn.Module
     bits: int
     accuracy: int
+    group_size: int  # the rule's, or the row's width (quant.indivisible = "per_channel")
 
     def stored_alike(self, other: _QuantJob) -> bool:
         """Same storage parameters and equal weights: one stored matrix serves both (a tied
         embedding and lm_head)."""
-        return (self.bits, self.rule.group_size, self.rule.symmetric) == \
-            (other.bits, other.rule.group_size, other.rule.symmetric) \
+        return (self.bits, self.group_size, self.rule.symmetric) == \
+            (other.bits, other.group_size, other.rule.symmetric) \
             and self.module.weight.shape == other.module.weight.shape \
             and torch.equal(self.module.weight, other.module.weight)
 
@@ -61,7 +67,7 @@ def quantize_for_onnx(lm: nn.Module, spec, *, grams=None) -> Quantized:
     summary = plan(lm, spec)
     modules = dict(lm.named_modules())
     jobs: list[_QuantJob] = []
-    for index, match in enumerate(summary.rules):
+    for match in summary.rules:
         rule = match.rule
         if rule.scheme == "float":
             continue
@@ -69,11 +75,7 @@ def quantize_for_onnx(lm: nn.Module, spec, *, grams=None) -> Quantized:
             module = modules[name]
             bits, accuracy = (SCHEMES[rule.scheme].weight_bits, ACCURACY_FLOAT) if isinstance(module, nn.Embedding) \
                 else linear_storage(rule.scheme)
-            if module.weight.shape[1] % rule.group_size:
-                raise RecipeError(f"quant.rules[{index}].group_size: {rule.group_size} "
-                                  f"does not divide the input width {module.weight.shape[1]} of {name}; "
-                                  "choose a block size that divides it or keep it float")
-            jobs.append(_QuantJob(rule, name, module, bits, accuracy))
+            jobs.append(_QuantJob(rule, name, module, bits, accuracy, onnx_block_size(match.group_size_of(name))))
     # A tied embedding and lm_head (equal weights, stored alike) are quantized once, with
     # the lm_head's Gram matrix when searching, so they stay one initializer (graph.py).
     groups: list[list[_QuantJob]] = []
@@ -88,14 +90,14 @@ def quantize_for_onnx(lm: nn.Module, spec, *, grams=None) -> Quantized:
         first = group[0]
         gram = next((grams[job.name] for job in group if job.name in grams), None)
         blocks = quantize_blockwise(first.module.weight.detach().float().numpy(), bits=first.bits,
-                                    block_size=first.rule.group_size, symmetric=first.rule.symmetric, gram=gram)
+                                    block_size=first.group_size, symmetric=first.rule.symmetric, gram=gram)
         for job in group:
             stored[job.module] = StoredWeight(blocks=blocks, accuracy=job.accuracy)
     for job in jobs:
         if job.accuracy == ACCURACY_INT8:
             # The kernel quantizes its input per block; the reference does the same.
             job.module.register_forward_pre_hook(
-                lambda _m, args, block=job.rule.group_size: (fake_quantize_activation(args[0], block),))
+                lambda _m, args, block=job.group_size: (fake_quantize_activation(args[0], block),))
     with torch.no_grad():
         # After every module is quantized: a tied weight must keep its float value until then.
         for job in jobs:
