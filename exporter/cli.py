@@ -27,6 +27,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Export a trained causal LM to on-device formats and prove the artifact still works.")
 recipes_app = typer.Typer(no_args_is_help=True, help="List and show the shipped recipes.")
 app.add_typer(recipes_app, name="recipes")
+intent_app = typer.Typer(no_args_is_help=True, help="The intent workload: behaviour sessions and next-query eval.")
+app.add_typer(intent_app, name="intent")
 device_app = typer.Typer(no_args_is_help=True, help="Set up, list and remove the devices verify and bench can run on.")
 app.add_typer(device_app, name="device")
 
@@ -111,6 +113,9 @@ def export(
     recipe: Annotated[str, typer.Argument(help="Recipe file, or a shipped recipe name such as "
                                                "smollm2-135m/executorch-xnnpack-int4.")],
     model: ModelOpt = None,
+    adapter: Annotated[Path | None, typer.Option(
+        "--adapter", help="A PEFT LoRA adapter folder (safetensors) merged into --model; "
+                          "the manifest records both hashes.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o",
                                              help="Artifact folder to create (default: out/<recipe name>).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set",
@@ -124,7 +129,8 @@ def export(
 
     def go():
         r = load_recipe(recipe, set_ or [])
-        folder = do_export(r, out_dir=out or Path("out") / r.name, model=model, force=force, progress=StageProgress())
+        folder = do_export(r, out_dir=out or Path("out") / r.name, model=model,
+                           adapter=str(adapter) if adapter else None, force=force, progress=StageProgress())
         out_console.print(f"wrote {folder}")
 
     run(go)
@@ -370,6 +376,52 @@ def device_remove(kind: Annotated[str, typer.Argument(help="The device to remove
             raise UsageError(f"no device {kind!r} to remove", hint=f"the removable device is {arm64_emu.KIND}")
         removed = arm64_emu.remove()
         out_console.print(f"removed {kind}" if removed else f"{kind} was not set up")
+
+    run(go)
+
+
+@intent_app.command("generate")
+def intent_generate(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for train.jsonl and eval.jsonl.")],
+    seed: Annotated[int, typer.Option(help="The data seed: the same seed writes the same sessions.")] = 7,
+    train: Annotated[int, typer.Option(help="Training sessions.")] = 2000,
+    eval_: Annotated[int, typer.Option("--eval", help="Eval sessions (another stream: none shared).")] = 1000,
+) -> None:
+    """Write generated shop sessions (behaviours and the next query) as JSONL (docs/intent.md)."""
+    from exporter.intent.sessions import split, write_jsonl
+
+    def go():
+        train_set, eval_set = split(seed, train=train, eval=eval_)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, sessions in (("train.jsonl", train_set), ("eval.jsonl", eval_set)):
+            out_console.print(f"wrote {write_jsonl(sessions, out / name)} ({len(sessions)} sessions)")
+
+    run(go)
+
+
+@intent_app.command("eval")
+def intent_eval(
+    model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint folder, .gguf or builtin:NAME.")],
+    adapter: Annotated[Path | None, typer.Option(help="A LoRA adapter merged into --model.")] = None,
+    eval_set: Annotated[str, typer.Option("--eval", help="An eval JSONL file, or builtin.")] = "builtin",
+    sessions: Annotated[int, typer.Option(help="Sessions scored (the first N).")] = 200,
+    json_: JsonFlag = False,
+) -> None:
+    """Exact match @1 and character ROUGE-L of a float checkpoint's greedy next query."""
+    from exporter.intent.score import score_checkpoint
+
+    def go():
+        result = score_checkpoint(model, adapter=adapter, eval_set=eval_set, sessions=sessions,
+                                  progress=StageProgress())
+        if json_:
+            out_console.print_json(json.dumps(result))
+            return
+        table = Table()
+        for col in ("model", "sessions", "exact match @1 (95% interval)", "char ROUGE-L mean"):
+            table.add_column(col)
+        table.add_row(result["model"], str(result["sessions"]), result["exact_match"]["text"],
+                      f"{result['rouge_l_chars_mean']:.3f}")
+        out_console.print(table)
 
     run(go)
 

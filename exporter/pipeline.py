@@ -56,8 +56,22 @@ class Stage:
                          hint="rerun with --debug for the traceback") from exc
 
 
-def export(recipe: ExportRecipe, *, out_dir: Path, model: str | None = None, force: bool = False,
-           progress: Progress = _quiet) -> Path:
+def adapter_facts(checkpoint: Path) -> dict | None:
+    """What the manifest records of a merged adapter (exporter/adapters.py's SOURCE.json)."""
+    import json
+
+    record = checkpoint / "SOURCE.json"
+    source = json.loads(record.read_text()) if record.is_file() else {}
+    if "adapter" not in source:
+        return None
+    return {"adapter": source["adapter"], "adapter_sha256": source["adapter_sha256"],
+            "base_weights_sha256": source["base_weights_sha256"]}
+
+
+def export(recipe: ExportRecipe, *, out_dir: Path, model: str | None = None, adapter: str | None = None,
+           force: bool = False, progress: Progress = _quiet) -> Path:
+    """``adapter``: a LoRA adapter folder merged into ``model`` (the recipe's model.adapter
+    goes with the recipe's model.source, not with a --model)."""
     from exporter.decoder import DecoderShape
     from exporter.load import load_model, read_config, resolve_checkpoint, weights_digest
     from exporter.quant.apply import float_decoder, quantize_decoder
@@ -68,6 +82,12 @@ def export(recipe: ExportRecipe, *, out_dir: Path, model: str | None = None, for
     source = model or recipe.model.source
     if not source.startswith("builtin:") and Path(source).exists():
         source = str(Path(source).resolve())  # verify may run from another directory
+    adapter = adapter or (recipe.model.adapter if model is None else "")
+    if adapter:
+        from exporter.adapters import check_adapter
+
+        adapter = str(Path(adapter).resolve())
+        check_adapter(Path(adapter))  # before the out folder exists
     recipe = with_absolute_calibration(recipe)
     timings: dict = {}
     out_dir = Path(out_dir)
@@ -76,10 +96,12 @@ def export(recipe: ExportRecipe, *, out_dir: Path, model: str | None = None, for
 
     with art.atomic_dir(out_dir, overwrite=force) as tmp:
         with Stage("load", backend.name, timings, progress):
-            checkpoint = resolve_checkpoint(source, on_progress=progress)
-            backend.check_shape(DecoderShape.from_config(read_config(checkpoint)), recipe)  # before the weights
+            base = resolve_checkpoint(source, on_progress=progress)
+            backend.check_shape(DecoderShape.from_config(read_config(base)), recipe)  # before the weights
+            checkpoint = resolve_checkpoint(source, adapter=adapter or None, on_progress=progress)
             loaded = load_model(checkpoint, on_progress=progress)
-            facts = ModelFacts.of(loaded, recipe, source=source, weights_sha256=weights_digest(loaded.checkpoint_dir))
+            facts = ModelFacts.of(loaded, recipe, source=source, weights_sha256=weights_digest(loaded.checkpoint_dir),
+                                  adapter=adapter_facts(checkpoint))
         with Stage("quantize", backend.name, timings, progress):
             lm = float_decoder(loaded.model, recipe, backend)
             # The float checkpoint is not needed past this point: the decoder holds its own
@@ -143,7 +165,8 @@ def verify(folder: Path, *, model: str | None = None, device: str | Device = "ho
     facts = artifact.manifest.model
     timings: dict = {}
     with Stage("load", backend.name, timings, progress):
-        loaded = load_model(model or facts.source, on_progress=progress)
+        loaded = load_model(model or facts.source, adapter=(facts.adapter or None) if model is None else None,
+                            on_progress=progress)
         if weights_digest(loaded.checkpoint_dir) != facts.weights_sha256:
             raise ArtifactError(
                 f"the checkpoint {loaded.checkpoint_dir} is not the one {folder} was exported from "

@@ -77,7 +77,15 @@ def _read(hint: Any, data: Any, path: str) -> Any:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON (a record or plain data) through a temporary sibling: never half a file."""
+    write_text_atomic(path, json.dumps(to_json(data), indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write UTF-8 text through a temporary sibling, renamed into place: never half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(to_json(data), indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -24,6 +24,7 @@ class ModelSpec:
     """Which checkpoint to export when the command line gives no --model."""
 
     source: str = "builtin:smollm2-135m-instruct"
+    adapter: str = ""  # a PEFT LoRA adapter folder merged into the source ("" : none)
     dtype: str = "float32"
 
     def __post_init__(self) -> None:

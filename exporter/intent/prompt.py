@@ -1,0 +1,69 @@
+"""The behaviour prompt: a session serialised as the intent model reads it.
+
+RecGPT-style compressed behaviour: one line per event, an action tag, the item or query
+text and how long ago, newest last. The lines go inside the model's chat template with a
+fixed instruction (or a template of the recipe's own, with ``{behaviours}`` and
+``{prefix}``), and the oldest lines are dropped until the whole prompt fits the token
+budget (the newest is always kept).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+ACTION_TAGS = {"search": "搜索", "click": "点击", "cart": "加购", "buy": "购买", "favorite": "收藏"}
+INSTRUCTION = "你是购物助手。根据用户最近的行为，预测用户接下来会搜索的内容，只输出搜索词。"
+CHAT = "chat"  # the tokenizer's own chat template
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromptFormat:
+    template: str = CHAT  # "chat", or a text with {behaviours} (and optionally {prefix})
+    instruction: str = INSTRUCTION
+    budget: int = 192  # prompt tokens at most (the shipped intent adapter was trained at 192)
+
+
+def recency(seconds: int | None) -> str:
+    if seconds is None:
+        return ""
+    if seconds < 60:
+        return f"{seconds}秒前"
+    if seconds < 3600:
+        return f"{seconds // 60}分钟前"
+    return f"{seconds // 3600}小时前"
+
+
+def behaviour_line(event: dict) -> str:
+    tag = ACTION_TAGS.get(event["action"], event["action"])
+    when = recency(event.get("t"))
+    return f"[{tag}] {event['text']}" + (f" ({when})" if when else "")
+
+
+def render(lines: Sequence[str], prefix: str, fmt: PromptFormat, apply_chat_template: Callable | None) -> str:
+    behaviours = "\n".join(lines)
+    if fmt.template != CHAT:
+        return fmt.template.format(behaviours=behaviours, prefix=prefix)
+    user = "用户最近的行为（从旧到新）：\n" + behaviours + (f"\n已输入：{prefix}" if prefix else "")
+    messages = [{"role": "system", "content": fmt.instruction}, {"role": "user", "content": user}]
+    return apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def build_prompt(session: dict, fmt: PromptFormat, *, encode: Callable[[str], list[int]],
+                 apply_chat_template: Callable | None = None) -> tuple[str, int]:
+    """The prompt text for ``session`` and how many of its events it kept (the newest ones)."""
+    lines = [behaviour_line(e) for e in session["behaviours"]]
+    prefix = session.get("prefix", "")
+
+    def text_of(kept: int) -> str:
+        return render(lines[len(lines) - kept:], prefix, fmt, apply_chat_template)
+
+    # The most recent events that fit (binary search: a long history costs log2(n) encodes).
+    low, high = 1, max(1, len(lines))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if len(encode(text_of(middle))) <= fmt.budget:
+            low = middle
+        else:
+            high = middle - 1
+    return text_of(low), low

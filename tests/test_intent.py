@@ -1,0 +1,97 @@
+"""The intent workload's pieces on known answers: the session generator, the behaviour prompt,
+the eval-set reader, the task metrics, rate intervals, and a LoRA adapter merged at export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from exporter.intent.evalset import EvalSetError, read_eval_set
+from exporter.intent.metrics import hit_at, normalise, rank_of, reciprocal_rank, rouge_l_chars
+from exporter.intent.prompt import PromptFormat, behaviour_line, build_prompt, recency
+from exporter.intent.sessions import generate, split
+from exporter.stats import wilson
+
+
+def test_the_generator_is_deterministic_and_the_splits_share_nothing():
+    assert list(generate(3, 40)) == list(generate(3, 40))
+    assert list(generate(3, 40)) != list(generate(4, 40))
+    train, eval_ = split(7, train=300, eval=300)
+    key = lambda s: json.dumps(s["behaviours"], ensure_ascii=False)  # noqa: E731
+    assert not {key(s) for s in train} & {key(s) for s in eval_}
+    assert not {s["id"] for s in train} & {s["id"] for s in eval_}
+    actions = {e["action"] for s in train for e in s["behaviours"]}
+    assert actions == {"search", "click", "cart", "buy", "favorite"}
+    assert any(any(ord(ch) > 0x1F000 for ch in e["text"]) for s in train for e in s["behaviours"])  # emoji
+    assert all(s["behaviours"][i]["t"] > s["behaviours"][i + 1]["t"] for s in train
+               for i in range(len(s["behaviours"]) - 1))  # oldest first: times count down to the query
+
+
+def test_the_shipped_eval_split_is_the_generators_seed_7():
+    shipped = read_eval_set("builtin")
+    assert shipped == split(7, train=0, eval=len(shipped))[1] and len(shipped) == 1000
+
+
+def test_behaviour_lines_and_recency():
+    assert behaviour_line({"action": "search", "text": "跑步鞋 男", "t": 30}) == "[搜索] 跑步鞋 男 (30秒前)"
+    assert behaviour_line({"action": "buy", "text": "Apple 手机 🔥爆款 ¥5999", "t": 7200}) == \
+        "[购买] Apple 手机 🔥爆款 ¥5999 (2小时前)"
+    assert behaviour_line({"action": "share", "text": "x"}) == "[share] x"  # unknown actions keep their name
+    assert recency(59) == "59秒前" and recency(60) == "1分钟前" and recency(3599) == "59分钟前"
+
+
+def test_the_prompt_keeps_the_newest_events_within_the_budget():
+    events = [{"action": "click", "text": f"商品{i} 🔥", "t": 1000 - i} for i in range(500)]
+    fmt = PromptFormat(template="行为：\n{behaviours}\n已输入：{prefix}", budget=120)
+    encode = lambda text: list(text.encode("utf-8"))  # noqa: E731 - a byte per token: known lengths
+    text, kept = build_prompt({"behaviours": events, "prefix": "跑"}, fmt, encode=encode)
+    assert len(encode(text)) <= 120 < len(encode(build_prompt({"behaviours": events[-(kept + 1):], "prefix": "跑"},
+                                                              PromptFormat(template=fmt.template, budget=10_000),
+                                                              encode=encode)[0]))
+    assert text.rstrip().endswith("已输入：跑") and "商品499" in text and "商品0 " not in text
+    tiny = PromptFormat(template="{behaviours}", budget=1)
+    assert build_prompt({"behaviours": events}, tiny, encode=encode)[1] == 1  # the newest always stays
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("not json", "line 2: not JSON"),
+    ('{"id": "a", "behaviours": [], "next_query": "x"}', "line 2: 'behaviours' is empty"),
+    ('{"id": "a", "behaviours": [{"action": "click"}], "next_query": "x"}', "behaviours[0] needs a string 'action'"),
+    ('{"id": "a", "behaviours": [{"action": "click", "text": "y", "t": -1}], "next_query": "x"}', "t must be"),
+    ('{"id": "a", "behaviours": [{"action": "click", "text": "y"}], "next_query": "x", "label": 1}',
+     "unknown field 'label'"),
+    ('{"id": "s0", "behaviours": [{"action": "click", "text": "y"}], "next_query": "x"}', "id 's0' appears twice"),
+    ('{"id": "b", "behaviours": [{"action": "click", "text": "y"}]}', "'next_query' must be a string"),
+])
+def test_the_eval_reader_names_the_bad_line(tmp_path, line, message):
+    good = '{"id": "s0", "behaviours": [{"action": "search", "text": "跑步鞋", "t": 5}], "next_query": "跑步鞋 男"}'
+    path = tmp_path / "eval.jsonl"
+    path.write_text(good + "\n" + line + "\n", encoding="utf-8")
+    with pytest.raises(EvalSetError) as caught:
+        read_eval_set(path)
+    assert str(caught.value).startswith("eval.jsonl line 2: ") and message in str(caught.value)
+
+
+def test_task_metrics_on_known_answers():
+    candidates = ["跑步鞋 男", "跑步鞋  男 缓震", "Nike 跑步鞋"]
+    assert normalise("ＮＩＫＥ  跑步鞋 ") == "nike 跑步鞋"  # full-width letters, doubled spaces
+    assert rank_of(candidates, "跑步鞋 男 缓震") == 2 and rank_of(candidates, "安踏") is None
+    assert hit_at(candidates, "nike 跑步鞋", 3) and not hit_at(candidates, "nike 跑步鞋", 2)
+    assert reciprocal_rank(candidates, "跑步鞋 男 缓震", 5) == 0.5 and reciprocal_rank(candidates, "x", 5) == 0.0
+    assert rouge_l_chars("跑步鞋 男", "跑步鞋男") == 1.0  # spaces do not count
+    assert rouge_l_chars("跑步鞋", "跑步鞋 男 缓震") == pytest.approx(2 * 1.0 * 0.5 / 1.5)  # LCS 3 of 3 and 6
+    assert rouge_l_chars("手机壳", "跑步鞋") == 0.0 and rouge_l_chars("", "") == 1.0
+
+
+def test_wilson_intervals():
+    rate = wilson(17, 18)
+    assert (round(rate.low, 3), round(rate.high, 3)) == (0.742, 0.99) and str(rate).startswith("17/18 = 94.4%")
+    assert wilson(0, 0).high == 1.0 and wilson(100, 100).high == 1.0 and wilson(100, 100).low > 0.96
+
+
+def test_intent_generate_writes_both_splits(cli, tmp_path):
+    code, out, _ = cli("intent", "generate", "--out", tmp_path, "--seed", "3", "--train", "20", "--eval", "10")
+    assert code == 0 and "train.jsonl (20 sessions)" in out
+    assert read_eval_set(tmp_path / "eval.jsonl") == split(3, train=20, eval=10)[1]
+    assert len(read_eval_set(tmp_path / "train.jsonl")) == 20
