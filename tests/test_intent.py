@@ -92,6 +92,6 @@ def test_wilson_intervals():
 
 def test_intent_generate_writes_both_splits(cli, tmp_path):
     code, out, _ = cli("intent", "generate", "--out", tmp_path, "--seed", "3", "--train", "20", "--eval", "10")
-    assert code == 0 and "train.jsonl (20 sessions)" in out
+    assert code == 0 and "(20 sessions)" in out and "(10 sessions)" in out  # rich wraps long paths
     assert read_eval_set(tmp_path / "eval.jsonl") == split(3, train=20, eval=10)[1]
     assert len(read_eval_set(tmp_path / "train.jsonl")) == 20
