@@ -57,6 +57,9 @@ class Arm64EmuDevice(HostDevice):
             raise UsageError(f"device {KIND} is not set up ({self.root} has no {STATE})",
                              hint=f"run `recgpt-export device setup {KIND}` first")
         self.state = json.loads(state.read_text())
+        if "userland" not in self.state:  # set up by a version that ran on the cross compiler's sysroot
+            raise UsageError(f"device {KIND} at {self.root} was set up by an older recgpt-export",
+                             hint=f"run `recgpt-export device setup {KIND}` again (seconds to a minute)")
 
     def describe(self) -> DeviceInfo:
         return DeviceInfo(kind=KIND, name=f"{KIND} ({self.cpu})", arch="aarch64", cpu_count=os.cpu_count() or 1,
