@@ -284,16 +284,18 @@ def inspect(folder: ArtifactDir, json_: JsonFlag = False) -> None:
 
 @recipes_app.command("list")
 def recipes_list() -> None:
-    """List the shipped recipes."""
+    """List the shipped recipes: per target and precision for any model (pass --model), and
+    the demo model's, tuned and measured on it."""
     from exporter.recipe_io import RECIPES_DIR, list_recipe_files, load_recipe
 
     table = Table()
     table.add_column("recipe", no_wrap=True)
-    for col in ("target", "description"):
+    for col in ("target", "model", "description"):
         table.add_column(col)
-    for path in list_recipe_files():
-        r = run(lambda path=path: load_recipe(path))
-        table.add_row(str(path.relative_to(RECIPES_DIR).with_suffix("")), r.target.name, r.description)
+    recipes = [(path, run(lambda path=path: load_recipe(path))) for path in list_recipe_files()]
+    for path, r in sorted(recipes, key=lambda item: (bool(item[1].model.source), str(item[0]))):
+        table.add_row(str(path.relative_to(RECIPES_DIR).with_suffix("")), r.target.name,
+                      r.model.source.removeprefix("builtin:") or "any", r.description)
     out_console.print(table)
 
 

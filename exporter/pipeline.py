@@ -80,6 +80,9 @@ def export(recipe: ExportRecipe, *, out_dir: Path, model: str | None = None, ada
     check_recipe(recipe)
     backend = get_backend(recipe.target.name)
     source = model or recipe.model.source
+    if not source:
+        raise UsageError(f"recipe {recipe.name!r} names no model",
+                         hint="pass --model (a checkpoint folder, a .gguf file or builtin:NAME)")
     if not source.startswith("builtin:") and Path(source).exists():
         source = str(Path(source).resolve())  # verify may run from another directory
     adapter = adapter or (recipe.model.adapter if model is None else "")

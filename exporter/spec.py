@@ -23,7 +23,7 @@ INDIVISIBLE_POLICIES = ("auto", "pad", "per_channel", "refuse")
 class ModelSpec:
     """Which checkpoint to export when the command line gives no --model."""
 
-    source: str = "builtin:smollm2-135m-instruct"
+    source: str = "builtin:smollm2-135m-instruct"  # "": none (a recipe for any model; --model gives it)
     adapter: str = ""  # a PEFT LoRA adapter folder merged into the source ("" : none)
     dtype: str = "float32"
 

@@ -105,7 +105,7 @@ def test_an_unsupported_gguf_is_refused_from_its_header(cli, tmp_path, monkeypat
     assert gguf_architecture(model) == "gemma3"
     t0 = time.perf_counter()
     code, _, err = _export(cli, tmp_path, model)
-    assert time.perf_counter() - t0 < 1.0
+    assert time.perf_counter() - t0 < 5.0  # measured: 0.07 s; the bound leaves room for a loaded CI machine
     assert code == 4 and "gemma.gguf: architecture 'gemma3' (GGUF general.architecture) is not supported" in err
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
 

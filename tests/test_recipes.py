@@ -15,8 +15,30 @@ def test_shipped_recipes_load():
     assert {"coreml-fp16", "coreml-int8", "coreml-int4"} <= names
     for path in list_recipe_files():
         recipe = load_recipe(path)
-        assert recipe.target.name == path.stem.split("-")[0]  # the file name says the target
+        generic = path.parent.name in ("executorch", "onnx", "coreml")
+        # the folder (any model) or the file name (the demo model's) says the target
+        assert recipe.target.name == (path.parent.name if generic else path.stem.split("-")[0])
+        assert (recipe.model.source == "") == generic
         check_recipe(recipe)  # and that target accepts it
+
+
+@pytest.mark.parametrize(("generic", "demo"), [("executorch/int4", "executorch-xnnpack-int4"),
+                                               ("onnx/int4", "onnx-int4"), ("coreml/int4", "coreml-int4"),
+                                               ("executorch/int8", "executorch-xnnpack-int8"),
+                                               ("onnx/fp32", "onnx-fp32"), ("coreml/fp16", "coreml-fp16")])
+def test_recipes_for_any_model_are_the_demo_models_settings(generic, demo):
+    from exporter.recipe_io import recipe_to_dict
+
+    a, b = recipe_to_dict(load_recipe(generic)), recipe_to_dict(load_recipe(f"smollm2-135m/{demo}"))
+    for d in (a, b):
+        d.pop("name"), d["model"].pop("source")
+    assert a == b
+
+
+def test_a_recipe_that_names_no_model_needs_model(cli, tmp_path):
+    code, _, err = cli("export", "executorch/int4", "--out", tmp_path / "art")
+    assert code == 2 and "recipe 'executorch-int4' names no model" in err and "--model" in err
+    assert not (tmp_path / "art").exists()
 
 
 def test_int4_recipe_rules_in_order():
