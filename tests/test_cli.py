@@ -82,18 +82,19 @@ def calls(monkeypatch):
 
 
 def test_export_hands_the_resolved_recipe_to_the_pipeline(cli, calls, tmp_path):
-    calls.install("export", lambda recipe, *, out_dir, model, force, progress: out_dir)
+    calls.install("export", lambda recipe, *, out_dir, model, adapter, force, progress: out_dir)
     code, out, _ = cli("export", "smollm2-135m/onnx-int4", "--out", tmp_path / "a", "--model", "m.gguf", "--force",
-                       "--set", "target.onnx.fuse_projections=false", "--set", "quant.tuning.steps=0")
+                       "--adapter", "lora", "--set", "target.onnx.fuse_projections=false",
+                       "--set", "quant.tuning.steps=0")
     assert code == 0 and f"wrote {tmp_path / 'a'}" in out
     (name, (recipe,), kwargs), = calls
-    assert name == "export" and kwargs["model"] == "m.gguf" and kwargs["force"] is True
+    assert name == "export" and kwargs["model"] == "m.gguf" and kwargs["force"] is True and kwargs["adapter"] == "lora"
     assert recipe.target.name == "onnx" and recipe.target.options.fuse_projections is False
     assert recipe.quant.tuning.steps == 0
 
 
 def test_export_default_out_is_named_after_the_recipe(cli, calls):
-    calls.install("export", lambda recipe, *, out_dir, model, force, progress: out_dir)
+    calls.install("export", lambda recipe, *, out_dir, model, adapter, force, progress: out_dir)
     cli("export", "smollm2-135m/executorch-xnnpack-int4")
     assert str(calls[0][2]["out_dir"]) == "out/smollm2-135m-executorch-xnnpack-int4"
 
