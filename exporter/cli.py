@@ -145,6 +145,11 @@ def verify(
                                                           "(default: the recipe's parity.decode_steps).")] = None,
     greedy_tokens: Annotated[int | None, typer.Option(help="Free-running greedy tokens per prompt "
                                                            "(default: the recipe's parity.greedy_tokens).")] = None,
+    eval_set: Annotated[str | None, typer.Option(
+        "--eval", help="Add the task section on an intent eval set: builtin or a JSONL file "
+                       "(default: the recipe's task.eval; docs/intent.md).")] = None,
+    sessions: Annotated[int | None, typer.Option(help="Eval sessions scored (default: the recipe's "
+                                                      "task.sessions).")] = None,
 ) -> None:
     """Check parity (tokenizer, lowering, quality, greedy); write DIR/parity.json. Exit 1 if a gate fails.
 
@@ -156,7 +161,8 @@ def verify(
     from exporter.records import to_json
 
     report = run(lambda: do_verify(folder, model=model, device=device, prompts=prompts, decode_steps=decode_steps,
-                                   greedy_tokens=greedy_tokens, progress=StageProgress()))
+                                   greedy_tokens=greedy_tokens, eval_set=eval_set, sessions=sessions,
+                                   progress=StageProgress()))
     if json_:
         out_console.print_json(json.dumps(to_json(report)))
     else:
@@ -185,10 +191,25 @@ def render_parity(report) -> None:
                 for metric in ("max_abs_diff", "cosine_min", "top1_agreement"):
                     table.add_row(section, f"noise floor {metric}", f"{getattr(value, metric):.6g}")
     out_console.print(table)
+    if report.task is not None:
+        render_task(report.task)
     if report.passed:
         out_console.print("[bold green]PASS[/bold green]: every gate passed")
     for failure in report.failures:
         out_console.print(f"[bold red]FAIL[/bold red]: {escape(failure)}", highlight=False, soft_wrap=True)
+
+
+def render_task(task) -> None:
+    table = Table(title=f"task: {task.sessions} sessions of {task.eval_set}, k = {task.candidates} ({task.method})")
+    for col in ("metric", "float model", "artifact"):
+        table.add_column(col)
+    table.add_row("top query = the float model's", "-", escape(str(task.agreement_top1)))
+    table.add_row("float model's k queries also given", "-", f"{task.candidate_overlap:.1%}")
+    for name, label in (("exact_at_1", "exact match @1"), ("hit_at_k", f"HitRate@{task.candidates}")):
+        table.add_row(label, escape(str(getattr(task.float_model, name))), escape(str(getattr(task.artifact, name))))
+    table.add_row(f"MRR@{task.candidates}", f"{task.float_model.mrr_at_k:.3f}", f"{task.artifact.mrr_at_k:.3f}")
+    table.add_row("character ROUGE-L", f"{task.float_model.rouge_l_chars:.3f}", f"{task.artifact.rouge_l_chars:.3f}")
+    out_console.print(table)
 
 
 @app.command()

@@ -142,14 +142,16 @@ def recipe_of(artifact) -> ExportRecipe:
 
 
 def verify(folder: Path, *, model: str | None = None, device: str | Device = "host", prompts: int | None = None,
-           decode_steps: int | None = None, greedy_tokens: int | None = None,
-           progress: Progress = _quiet) -> ParityReport:
+           decode_steps: int | None = None, greedy_tokens: int | None = None, eval_set: str | None = None,
+           sessions: int | None = None, progress: Progress = _quiet) -> ParityReport:
     """Run every parity check on an artifact; write DIR/parity.json and return the report.
 
     ``device``: where the artifact runs (exporter/devices). A device without this tool's
     Python runs it through the backend's native runner, and the report adds the same
     artifact's host run (``device_vs_host``). ``prompts`` / ``decode_steps`` / ``greedy_tokens`` override the
-    recipe's parity budget (an emulator is slow); the report records what ran."""
+    recipe's parity budget (an emulator is slow); the report records what ran. ``eval_set``
+    ("builtin" or a JSONL file; default the recipe's task.eval) adds the task section: the
+    float model's next queries against the artifact's, on ``sessions`` sessions."""
     from exporter.load import load_model, weights_digest
     from exporter.parity import check_parity, noise_references, parity_prompts, tokenizer_parity
     from exporter.prompts import TOKENIZER_CORPUS
@@ -163,6 +165,12 @@ def verify(folder: Path, *, model: str | None = None, device: str | Device = "ho
               if v is not None}
     if budget:
         recipe = replace(recipe, parity=replace(recipe.parity, **budget))
+    task = replace(recipe.task, **{k: v for k, v in dict(eval=eval_set, sessions=sessions).items() if v is not None})
+    task_sessions = None
+    if task.eval:
+        from exporter.intent.evalset import read_eval_set
+
+        task_sessions = read_eval_set(task.eval)[:task.sessions]  # a bad line is refused before any model runs
     backend = get_backend(artifact.target)
     device_facts, host_candidate = target_device.describe(), None
     facts = artifact.manifest.model
@@ -205,6 +213,10 @@ def verify(folder: Path, *, model: str | None = None, device: str | Device = "ho
             eos_ids=set(facts.eos_ids), on_step=progress, noise_references=noise_references(lm, recipe),
             host_candidate=host_candidate,
         )
+    if task_sessions is not None:
+        with Stage("task", backend.name, timings, progress):
+            task_report = run_task(task, task_sessions, loaded, recipe, backend, candidate, facts, progress)
+            report = with_task(report, task_report, task.agreement_min)
     if host_candidate is not None:
         candidate.close()
         target_device.cleanup()
@@ -214,6 +226,36 @@ def verify(folder: Path, *, model: str | None = None, device: str | Device = "ho
                                       environment=art.environment(), artifact=artifact.manifest.name))
     write_json_atomic(Path(folder) / PARITY_FILE, report)
     return report
+
+
+def run_task(task, sessions, loaded, recipe, backend, candidate, facts, progress):
+    """The task section (exporter/intent/task.py): the float decoder and the artifact's runner."""
+    from exporter.intent.prompt import INSTRUCTION, PromptFormat
+    from exporter.intent.score import stop_ids_of
+    from exporter.intent.task import task_section
+    from exporter.quant.apply import float_decoder
+    from exporter.runners import EagerRunner
+
+    tokenizer = loaded.tokenizer
+    fmt = PromptFormat(template=task.template, instruction=task.instruction or INSTRUCTION, budget=task.budget)
+    float_runner = EagerRunner(float_decoder(loaded.model, recipe, backend), name="float eager")
+    return task_section(
+        sessions, float_runner=float_runner, artifact_runner=candidate,
+        encode=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+        decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+        apply_chat_template=tokenizer.apply_chat_template, fmt=fmt, k=task.candidates,
+        max_new_tokens=task.max_new_tokens, stop_ids=stop_ids_of(tokenizer) | set(facts.eos_ids),
+        eval_set=task.eval, progress=progress)
+
+
+def with_task(report: ParityReport, task_report, agreement_min: float) -> ParityReport:
+    """The report with its task section, and the task gate's failure when it misses."""
+    failures = list(report.failures)
+    agreed = task_report.agreement_top1
+    if agreed.value < agreement_min:
+        failures.append(f"task: the artifact's top query equals the float model's in {agreed}, below "
+                        f"task.agreement_min {agreement_min:.2%}")
+    return replace(report, task=task_report, failures=tuple(failures), passed=not failures)
 
 
 def bench(folder: Path, *, runs: int | None = None, warmup: int | None = None, threads: int | None = None,

@@ -7,6 +7,7 @@ from typing import Any
 
 from exporter.devices.base import DeviceInfo
 from exporter.records import omitted_when_none
+from exporter.stats import Rate
 
 PARITY_FILE = "parity.json"
 BENCH_FILE = "bench.json"
@@ -86,6 +87,34 @@ class Compared:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TaskScores:
+    """One model's candidate queries against the queries the users typed."""
+
+    exact_at_1: Rate
+    hit_at_k: Rate
+    mrr_at_k: float
+    rouge_l_chars: float  # mean over sessions, of the top query
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskReport:
+    """The intent task (exporter/intent/task.py): does the artifact predict the float model's
+    next query? Every rate with its count and Wilson 95% interval."""
+
+    eval_set: str
+    sessions: int
+    candidates: int  # k
+    method: str
+    normalisation: str
+    agreement_top1: Rate  # the artifact's top query equals the float model's
+    candidate_overlap: float  # mean share of the float model's k queries the artifact also gives
+    first_difference_mean: float  # mean token index where the top queries part (k+1 when equal)
+    float_model: TaskScores
+    artifact: TaskScores
+    disagreements: tuple[dict, ...] = ()  # the first few: session id, both top queries
+
+
+@dataclass(frozen=True, kw_only=True)
 class ParityReport:
     passed: bool
     failures: tuple[str, ...]
@@ -99,6 +128,7 @@ class ParityReport:
     # difference shows as the kernels' (device_vs_host) or the lowering's (lowering).
     device_vs_host: LoweringMetrics | None = omitted_when_none()
     device_facts: DeviceInfo | None = omitted_when_none()
+    task: TaskReport | None = omitted_when_none()  # with [task] eval (or verify --eval)
 
 
 # -- bench ------------------------------------------------------------------------------------

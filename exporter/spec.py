@@ -248,6 +248,30 @@ class ParitySpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TaskSpec:
+    """[task]: the intent task section of `verify` (docs/intent.md): next queries of the float
+    model and of the artifact on an eval set of behaviour sessions. Off while ``eval`` is ""."""
+
+    eval: str = ""  # "builtin" (the shipped split), a JSONL path, or "" (no task section)
+    sessions: int = 100  # the first N sessions of the eval set
+    candidates: int = 5  # k queries per session: the top-k first tokens, each continued greedily
+    max_new_tokens: int = 16
+    template: str = "chat"  # the prompt: "chat" (the model's chat template), or a text with {behaviours}
+    instruction: str = ""  # the system instruction ("": exporter/intent/prompt.py's)
+    budget: int = 192  # prompt tokens at most; the oldest events are dropped first
+    agreement_min: float = 0.0  # gate: the artifact's top query equals the float model's, this often
+
+    def __post_init__(self) -> None:
+        for name in ("sessions", "candidates", "max_new_tokens", "budget"):
+            if getattr(self, name) < 1:
+                _fail(f"task.{name}", f"must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.agreement_min <= 1.0:
+            _fail("task.agreement_min", f"must be a fraction between 0 and 1, got {self.agreement_min}")
+        if self.template != "chat" and "{behaviours}" not in self.template:
+            _fail("task.template", 'give "chat" or a text with {behaviours} (and optionally {prefix})')
+
+
+@dataclass(frozen=True, kw_only=True)
 class BenchSpec:
     warmup: int = 1
     runs: int = 5
@@ -275,6 +299,7 @@ class ExportRecipe:
     target: TargetSpec = field(default_factory=TargetSpec)
     parity: ParitySpec = field(default_factory=ParitySpec)
     bench: BenchSpec = field(default_factory=BenchSpec)
+    task: TaskSpec = field(default_factory=TaskSpec)
 
     def __post_init__(self) -> None:
         if self.schema_version != SCHEMA_VERSION:

@@ -29,4 +29,6 @@ def wilson(hits: int, n: int, z: float = 1.959964) -> Rate:
     p = hits / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return Rate(hits=hits, n=n, low=max(0.0, centre - half), high=min(1.0, centre + half))
+    low = 0.0 if hits == 0 else max(0.0, centre - half)  # exact at the ends, not 1 - 1e-16
+    high = 1.0 if hits == n else min(1.0, centre + half)
+    return Rate(hits=hits, n=n, low=low, high=high)

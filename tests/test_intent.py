@@ -95,3 +95,29 @@ def test_intent_generate_writes_both_splits(cli, tmp_path):
     assert code == 0 and "(20 sessions)" in out and "(10 sessions)" in out  # rich wraps long paths
     assert read_eval_set(tmp_path / "eval.jsonl") == split(3, train=20, eval=10)[1]
     assert len(read_eval_set(tmp_path / "train.jsonl")) == 20
+
+
+def test_the_task_section_end_to_end_on_a_tiny_model(cli, tiny_checkpoints, tmp_path):
+    """Float model vs artifact on generated sessions: an fp32 artifact must agree on every
+    top query; the report carries counts and intervals; a bad eval line stops verify first."""
+    from conftest import write_recipe
+
+    from exporter.intent.sessions import write_jsonl
+
+    write_jsonl(list(generate(5, 6)), tmp_path / "eval.jsonl")
+    task = ('[task]\neval = "' + str(tmp_path / "eval.jsonl") + '"\nsessions = 4\ncandidates = 3\n'
+            'max_new_tokens = 4\ntemplate = "行为：\\n{behaviours}\\n查询："\nbudget = 96\nagreement_min = 1.0\n')
+    recipe = write_recipe(tmp_path / "r.toml", "tiny-task", "[parity]\nquality_top1_min = 1.0\n" + task)
+    code, _, err = cli("export", recipe, "--model", tiny_checkpoints["llama"], "--out", tmp_path / "art")
+    assert code == 0, err
+    code, out, err = cli("verify", tmp_path / "art", "--prompts", "2", "--decode-steps", "4")
+    assert code == 0, out + err
+    report = json.loads((tmp_path / "art" / "parity.json").read_text())["task"]
+    assert report["sessions"] == 4 and report["candidates"] == 3
+    assert report["agreement_top1"]["hits"] == 4 and report["agreement_top1"]["n"] == 4
+    assert report["candidate_overlap"] == 1.0 and report["artifact"] == report["float_model"]
+    assert 0.0 < report["agreement_top1"]["low"] < 1.0 == report["agreement_top1"]["high"]
+    assert "task: 4 sessions" in out
+    (tmp_path / "bad.jsonl").write_text('{"id": "x"}\n', encoding="utf-8")
+    code, _, err = cli("verify", tmp_path / "art", "--eval", tmp_path / "bad.jsonl")
+    assert code == 2 and "bad.jsonl line 1" in err

@@ -1,0 +1,84 @@
+"""The task section of `verify`: the float model's next queries against the artifact's.
+
+For each session both models get the same prompt ids (the source tokenizer's: the shipped
+tokenizer is judged by the tokenizer gate, apart) and give k candidate queries by one stated
+method: the k most likely first tokens after the prompt, each continued greedily to the end
+of the turn or ``max_new_tokens``. The first candidate is the greedy query. The prompt is
+prefilled once per session; every candidate starts again at the position after it, which a
+static in-place cache allows with no copy (a position's keys are rewritten before any later
+position reads them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from exporter.intent.metrics import hit_at, normalise, reciprocal_rank, rouge_l_chars
+from exporter.reports import TaskReport, TaskScores
+from exporter.stats import wilson
+
+METHOD = "top-k first tokens, each continued greedily (the first is the greedy query)"
+NORMALISATION = "NFKC, lower case, whitespace collapsed"
+
+
+def candidates(runner, prompt: Sequence[int], *, k: int, max_new_tokens: int, stop_ids: set[int]) -> list[list[int]]:
+    """k candidate continuations of ``prompt`` (token ids, the stop token excluded)."""
+    first = runner.prefill(list(prompt))
+    out = []
+    for token in np.argsort(-first, kind="stable")[:k]:
+        seq, pos = [int(token)], len(prompt)
+        while seq[-1] not in stop_ids and len(seq) < max_new_tokens:
+            seq.append(int(np.argmax(runner.decode(seq[-1], pos))))
+            pos += 1
+        out.append([t for t in seq if t not in stop_ids])
+    return out
+
+
+def _scores(queries: list[list[str]], sessions: list[dict], k: int) -> TaskScores:
+    targets = [s["next_query"] for s in sessions]
+    n = len(sessions)
+    return TaskScores(
+        exact_at_1=wilson(sum(hit_at(q, t, 1) for q, t in zip(queries, targets, strict=True)), n),
+        hit_at_k=wilson(sum(hit_at(q, t, k) for q, t in zip(queries, targets, strict=True)), n),
+        mrr_at_k=sum(reciprocal_rank(q, t, k) for q, t in zip(queries, targets, strict=True)) / n,
+        rouge_l_chars=sum(rouge_l_chars(q[0], t) for q, t in zip(queries, targets, strict=True)) / n)
+
+
+def task_section(sessions: list[dict], *, float_runner, artifact_runner, encode: Callable[[str], list[int]],
+                 decode: Callable[[list[int]], str], apply_chat_template, fmt, k: int, max_new_tokens: int,
+                 stop_ids: set[int], eval_set: str, progress: Callable[[str], None] = lambda _m: None) -> TaskReport:
+    from exporter.intent.prompt import build_prompt
+
+    float_queries, artifact_queries, first_differences, overlaps, disagreements = [], [], [], [], []
+    for i, session in enumerate(sessions):
+        prompt, _ = build_prompt(session, fmt, encode=encode, apply_chat_template=apply_chat_template)
+        ids = encode(prompt)
+        ref = candidates(float_runner, ids, k=k, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+        got = candidates(artifact_runner, ids, k=k, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+        ref_text = [decode(c).strip() for c in ref]
+        got_text = [decode(c).strip() for c in got]
+        float_queries.append(ref_text)
+        artifact_queries.append(got_text)
+        differ = next((j for j, (a, b) in enumerate(zip(ref[0], got[0], strict=False)) if a != b), None)
+        if differ is None:
+            differ = min(len(ref[0]), len(got[0])) if len(ref[0]) != len(got[0]) else max_new_tokens + 1
+        first_differences.append(differ)
+        wanted = {normalise(q) for q in ref_text}
+        overlaps.append(len(wanted & {normalise(q) for q in got_text}) / len(wanted))
+        if normalise(ref_text[0]) != normalise(got_text[0]) and len(disagreements) < 8:
+            disagreements.append({"id": session["id"], "float": ref_text[0], "artifact": got_text[0],
+                                  "first_different_token": differ})
+        if (i + 1) % 10 == 0 or i + 1 == len(sessions):
+            agreed = sum(normalise(f[0]) == normalise(a[0]) for f, a in zip(float_queries, artifact_queries,
+                                                                              strict=True))
+            progress(f"task: {i + 1}/{len(sessions)} sessions, top query agreed {agreed}/{i + 1}")
+    n = len(sessions)
+    agreed = sum(normalise(f[0]) == normalise(a[0]) for f, a in zip(float_queries, artifact_queries, strict=True))
+    return TaskReport(
+        eval_set=eval_set, sessions=n, candidates=k, method=METHOD, normalisation=NORMALISATION,
+        agreement_top1=wilson(agreed, n), candidate_overlap=sum(overlaps) / n,
+        first_difference_mean=sum(first_differences) / n,
+        float_model=_scores(float_queries, sessions, k), artifact=_scores(artifact_queries, sessions, k),
+        disagreements=tuple(disagreements))
