@@ -66,11 +66,12 @@ def load_model(source: str | Path, *, adapter: str | Path | None = None, cache_d
 def resolve_checkpoint(source: str, *, adapter: str | Path | None = None, cache_dir: Path | None = None,
                        on_progress: Callable[[str], None] | None = None) -> Path:
     """The checkpoint folder ``source`` names, with ``adapter`` merged into it when given."""
-    base = _resolve_base(source, cache_dir, on_progress)
     if source.removeprefix("builtin:") in BUILTIN_ADAPTED and source.startswith("builtin:"):
-        if adapter:
+        own = BUILTIN_ADAPTED[source.removeprefix("builtin:")][1]
+        if adapter and Path(adapter).resolve() != own.resolve():  # its own: a manifest records it
             raise UsageError(f"{source} already carries its adapter", hint="pass its base with --adapter instead")
-        adapter = BUILTIN_ADAPTED[source.removeprefix("builtin:")][1]
+        adapter = own
+    base = _resolve_base(source, cache_dir, on_progress)
     if not adapter:
         return base
     from exporter.adapters import merge_adapter

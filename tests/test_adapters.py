@@ -69,3 +69,14 @@ def test_a_pickled_adapter_is_refused(cli, tiny_checkpoints, tmp_path, cache):
     code, _, err = cli("export", recipe, "--model", tiny_checkpoints["llama"], "--adapter", adapter,
                        "--out", tmp_path / "art")
     assert code == 4 and "adapter_model.bin is a pickle" in err and not (tmp_path / "art").exists()
+
+
+def test_a_builtin_with_its_own_adapter_accepts_that_adapter_only(tmp_path):
+    """verify passes the manifest's adapter back with a builtin that carries it."""
+    from exporter.errors import UsageError
+    from exporter.load import BUILTIN_ADAPTED, resolve_checkpoint
+
+    name, (_, own) = next(iter(BUILTIN_ADAPTED.items()))
+    assert own.is_dir() and (own / "adapter_model.safetensors").is_file()
+    with pytest.raises(UsageError, match="already carries its adapter"):
+        resolve_checkpoint(f"builtin:{name}", adapter=tmp_path)
