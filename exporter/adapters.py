@@ -87,3 +87,13 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, *, cache_dir: Path | None =
             {"base": str(base_dir), "base_weights_sha256": base_digest, "adapter": str(adapter_dir),
              "adapter_sha256": digest}, indent=2) + "\n")
     return target
+
+
+def adapter_facts(checkpoint: Path) -> dict | None:
+    """What the manifest records of a merged adapter (the SOURCE.json merge_adapter writes), or None."""
+    record = checkpoint / "SOURCE.json"
+    source = json.loads(record.read_text()) if record.is_file() else {}
+    if "adapter" not in source:
+        return None
+    return {"adapter": source["adapter"], "adapter_sha256": source["adapter_sha256"],
+            "base_weights_sha256": source["base_weights_sha256"]}

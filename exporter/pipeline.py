@@ -56,22 +56,11 @@ class Stage:
                          hint="rerun with --debug for the traceback") from exc
 
 
-def adapter_facts(checkpoint: Path) -> dict | None:
-    """What the manifest records of a merged adapter (exporter/adapters.py's SOURCE.json)."""
-    import json
-
-    record = checkpoint / "SOURCE.json"
-    source = json.loads(record.read_text()) if record.is_file() else {}
-    if "adapter" not in source:
-        return None
-    return {"adapter": source["adapter"], "adapter_sha256": source["adapter_sha256"],
-            "base_weights_sha256": source["base_weights_sha256"]}
-
-
 def export(recipe: ExportRecipe, *, out_dir: Path, model: str | None = None, adapter: str | None = None,
            force: bool = False, progress: Progress = _quiet) -> Path:
     """``adapter``: a LoRA adapter folder merged into ``model`` (the recipe's model.adapter
     goes with the recipe's model.source, not with a --model)."""
+    from exporter.adapters import adapter_facts
     from exporter.decoder import DecoderShape
     from exporter.load import load_model, read_config, resolve_checkpoint, weights_digest
     from exporter.quant.apply import float_decoder, quantize_decoder
@@ -215,6 +204,8 @@ def verify(folder: Path, *, model: str | None = None, device: str | Device = "ho
         )
     if task_sessions is not None:
         with Stage("task", backend.name, timings, progress):
+            from exporter.intent.task import run_task, with_task
+
             task_report = run_task(task, task_sessions, loaded, recipe, backend, candidate, facts, progress)
             report = with_task(report, task_report, task.agreement_min)
     if host_candidate is not None:
@@ -226,36 +217,6 @@ def verify(folder: Path, *, model: str | None = None, device: str | Device = "ho
                                       environment=art.environment(), artifact=artifact.manifest.name))
     write_json_atomic(Path(folder) / PARITY_FILE, report)
     return report
-
-
-def run_task(task, sessions, loaded, recipe, backend, candidate, facts, progress):
-    """The task section (exporter/intent/task.py): the float decoder and the artifact's runner."""
-    from exporter.intent.prompt import INSTRUCTION, PromptFormat
-    from exporter.intent.score import stop_ids_of
-    from exporter.intent.task import task_section
-    from exporter.quant.apply import float_decoder
-    from exporter.runners import EagerRunner
-
-    tokenizer = loaded.tokenizer
-    fmt = PromptFormat(template=task.template, instruction=task.instruction or INSTRUCTION, budget=task.budget)
-    float_runner = EagerRunner(float_decoder(loaded.model, recipe, backend), name="float eager")
-    return task_section(
-        sessions, float_runner=float_runner, artifact_runner=candidate,
-        encode=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
-        decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-        apply_chat_template=tokenizer.apply_chat_template, fmt=fmt, k=task.candidates,
-        max_new_tokens=task.max_new_tokens, stop_ids=stop_ids_of(tokenizer) | set(facts.eos_ids),
-        eval_set=task.eval, progress=progress)
-
-
-def with_task(report: ParityReport, task_report, agreement_min: float) -> ParityReport:
-    """The report with its task section, and the task gate's failure when it misses."""
-    failures = list(report.failures)
-    agreed = task_report.agreement_top1
-    if agreed.value < agreement_min:
-        failures.append(f"task: the artifact's top query equals the float model's in {agreed}, below "
-                        f"task.agreement_min {agreement_min:.2%}")
-    return replace(report, task=task_report, failures=tuple(failures), passed=not failures)
 
 
 def bench(folder: Path, *, runs: int | None = None, warmup: int | None = None, threads: int | None = None,

@@ -82,3 +82,35 @@ def task_section(sessions: list[dict], *, float_runner, artifact_runner, encode:
         first_difference_mean=sum(first_differences) / n,
         float_model=_scores(float_queries, sessions, k), artifact=_scores(artifact_queries, sessions, k),
         disagreements=tuple(disagreements))
+
+
+def run_task(task, sessions, loaded, recipe, backend, candidate, facts, progress) -> TaskReport:
+    """verify's task section: ``task`` (the recipe's TaskSpec) over ``sessions``, the float
+    model in the tool's float static-cache decoder against ``candidate`` (the artifact's runner)."""
+    from exporter.intent.prompt import INSTRUCTION, PromptFormat
+    from exporter.intent.score import stop_ids_of
+    from exporter.quant.apply import float_decoder
+    from exporter.runners import EagerRunner
+
+    tokenizer = loaded.tokenizer
+    fmt = PromptFormat(template=task.template, instruction=task.instruction or INSTRUCTION, budget=task.budget)
+    float_runner = EagerRunner(float_decoder(loaded.model, recipe, backend), name="float eager")
+    return task_section(
+        sessions, float_runner=float_runner, artifact_runner=candidate,
+        encode=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+        decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+        apply_chat_template=tokenizer.apply_chat_template, fmt=fmt, k=task.candidates,
+        max_new_tokens=task.max_new_tokens, stop_ids=stop_ids_of(tokenizer) | set(facts.eos_ids),
+        eval_set=task.eval, progress=progress)
+
+
+def with_task(report, task_report: TaskReport, agreement_min: float):
+    """The ParityReport with its task section, and the task gate's failure when it misses."""
+    from dataclasses import replace
+
+    failures = list(report.failures)
+    agreed = task_report.agreement_top1
+    if agreed.value < agreement_min:
+        failures.append(f"task: the artifact's top query equals the float model's in {agreed}, below "
+                        f"task.agreement_min {agreement_min:.2%}")
+    return replace(report, task=task_report, failures=tuple(failures), passed=not failures)
