@@ -54,16 +54,16 @@ def check_adapter(adapter_dir: Path) -> dict:
     return config
 
 
-def merge_adapter(base_dir: Path, adapter_dir: Path, *, cache_dir: Path | None = None,
+def merge_adapter(base_dir: Path, adapter_dir: Path, *, base_digest: str, cache_dir: Path,
                   on_progress: Callable[[str], None] | None = None) -> Path:
-    """The checkpoint folder of ``base_dir`` with ``adapter_dir`` merged in (made once, cached)."""
+    """The checkpoint folder of ``base_dir`` (weights digest ``base_digest``) with
+    ``adapter_dir`` merged in, made once under ``cache_dir``/merged."""
     from exporter.artifact import atomic_dir
-    from exporter.load import default_cache_dir, weights_digest
 
     adapter_dir = Path(adapter_dir).resolve()
     check_adapter(adapter_dir)
-    base_digest, digest = weights_digest(base_dir), adapter_digest(adapter_dir)
-    target = (cache_dir or default_cache_dir()) / "merged" / f"{base_digest[:16]}-{digest[:16]}"
+    digest = adapter_digest(adapter_dir)
+    target = Path(cache_dir) / "merged" / f"{base_digest[:16]}-{digest[:16]}"
     if (target / "config.json").is_file():
         return target
     if on_progress:

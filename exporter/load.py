@@ -77,7 +77,8 @@ def resolve_checkpoint(source: str, *, adapter: str | Path | None = None, cache_
     from exporter.adapters import merge_adapter
 
     read_config(base)  # the base's architecture is refused before any merging
-    return merge_adapter(base, Path(adapter), cache_dir=cache_dir, on_progress=on_progress)
+    return merge_adapter(base, Path(adapter), base_digest=weights_digest(base),
+                         cache_dir=cache_dir or default_cache_dir(), on_progress=on_progress)
 
 
 def _resolve_base(source: str, cache_dir: Path | None, on_progress: Callable[[str], None] | None) -> Path:
