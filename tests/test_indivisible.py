@@ -65,3 +65,21 @@ def test_refuse_is_still_there_and_pad_needs_a_target_with_partial_groups(cli, o
                                + quant_rules("int8_dynact_int4_weight"))
     code, _, err = cli("export", per_channel, "--model", odd_widths, "--out", tmp_path / "c")
     assert code == 5 and "XNNPACK runs int4 groups of multiples of 32 only" in err and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_executorch_per_channel_where_the_row_is_a_multiple_of_32(tiny_checkpoints, tmp_path, symmetric):
+    """The tiny model's 64-wide layers with group 128: one group per row; asymmetric, the
+    offset Linear then has one input (kept float: torchao cannot quantize it)."""
+    from exporter.pipeline import export, verify
+    from exporter.recipe_io import load_recipe
+
+    rules = quant_rules("int8_dynact_int4_weight", group_size=128, symmetric=symmetric).replace(
+        'scheme = "int8_weight"\ngroup_size = 128\nsymmetric = false', 'scheme = "int8_weight"')
+    recipe = load_recipe(write_recipe(tmp_path / "r.toml", "pc", '[quant]\nindivisible = "per_channel"\n'
+                                      + rules + GATES))
+    folder = export(recipe, out_dir=tmp_path / "art", model=str(tiny_checkpoints["llama"]))
+    entries = json.loads((folder / "manifest.json").read_text())["quantization"]["indivisible"]
+    assert {(e["action"], e["stored_group_size"]) for e in entries} == {("per_channel", 64)}
+    report = verify(folder, prompts=2, decode_steps=4)
+    assert report.passed, report.failures

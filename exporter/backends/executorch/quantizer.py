@@ -62,8 +62,7 @@ def apply_quantization(model: nn.Module, spec: QuantSpec, grams: dict | None = N
                                                       gram=gram)
                 else:
                     codes, scales, offsets = int4_group_offsets(module.weight, group_size)
-                quantize_(model, torchao_config(scheme, torchao_group_size(module, group_size)),
-                          filter_fn=lambda mod, fqn, name=name: fqn == name)
+                quantize_(model, torchao_config(scheme, group_size), filter_fn=lambda mod, fqn, name=name: fqn == name)
                 _set_int4_codes(module.weight, codes, scales)
                 if offsets is not None:
                     parent_name, _, child = name.rpartition(".")
@@ -205,8 +204,9 @@ class GroupOffsetLinear(nn.Module):
     The offset term of output n is ``sum_g b[n, g] * sum_{k in g} x_k``; it costs two small
     Linears, both quantized so XNNPACK runs them: ``group_sum`` [K / g, K] holds ones (int4
     code 1, scale 1: exact) and ``offset`` [N, K / g] holds b as int8 per output channel
-    with dynamic int8 activations. A fixed cost per call whatever the layer's size: a
-    quality-for-speed trade, measured in docs/targets/executorch.md."""
+    with dynamic int8 activations (float32 when K / g is 1: one group per row). A fixed cost
+    per call whatever the layer's size: a quality-for-speed trade, measured in
+    docs/targets/executorch.md."""
 
     def __init__(self, main: nn.Linear, offsets, group_size: int) -> None:
         import torch
@@ -219,9 +219,10 @@ class GroupOffsetLinear(nn.Module):
         self.offset = nn.Linear(n_groups, main.out_features, bias=False)
         with torch.no_grad():
             self.offset.weight.copy_(offsets)
-        quantize_(self, torchao_config("int8_dynact_int4_weight", torchao_group_size(self.group_sum, group_size)),
+        quantize_(self, torchao_config("int8_dynact_int4_weight", group_size),
                   filter_fn=lambda m, fqn: fqn == "group_sum")
-        quantize_(self, torchao_config("int8_dynact_int8_weight", 0), filter_fn=lambda m, fqn: fqn == "offset")
+        if n_groups > 1:  # torchao cannot quantize a 1-input Linear (one group per row): it stays float
+            quantize_(self, torchao_config("int8_dynact_int8_weight", 0), filter_fn=lambda m, fqn: fqn == "offset")
         ones = torch.zeros(n_groups, n_groups, group_size, dtype=torch.int8)
         ones[torch.arange(n_groups), torch.arange(n_groups)] = 1
         _set_int4_codes(self.group_sum.weight, ones.reshape(n_groups, -1), torch.ones(n_groups, n_groups))
@@ -230,24 +231,15 @@ class GroupOffsetLinear(nn.Module):
         return self.main(x) + self.offset(self.group_sum(x))
 
 
-def torchao_group_size(module: nn.Module, group_size: int) -> int:
-    """A Linear whose group is its whole row (quant.indivisible = "per_channel") is stored per
-    output channel (0: PerAxis): XNNPACK delegates groups only in multiples of 32, per-channel
-    int4 at any width. Embeddings keep the row as their group (the quantized embedding kernel
-    takes any group that divides the row)."""
-    return 0 if isinstance(module, nn.Linear) and group_size == module.in_features else group_size
-
-
 def torchao_config(scheme: str, group_size: int):
-    """The torchao config that stores ``scheme`` (its bits, grouping and activations) for
-    XNNPACK; ``group_size`` 0 stores a grouped scheme per output channel."""
+    """The torchao config that stores ``scheme`` (its bits, grouping and activations) for XNNPACK."""
     import torch
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerAxis, PerGroup
 
     described = SCHEMES[scheme]
     weight_dtype = {8: torch.int8, 4: torch.int4}[described.weight_bits]
-    granularity = PerGroup(group_size) if described.uses_group_size and group_size else PerAxis(0)
+    granularity = PerGroup(group_size) if described.uses_group_size else PerAxis(0)
     if described.dynamic_activations:
         return Int8DynamicActivationIntxWeightConfig(weight_dtype=weight_dtype, weight_granularity=granularity)
     return IntxWeightOnlyConfig(weight_dtype=weight_dtype, granularity=granularity)
