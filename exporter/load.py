@@ -66,13 +66,28 @@ def load_model(source: str | Path, *, adapter: str | Path | None = None, cache_d
 def resolve_checkpoint(source: str, *, adapter: str | Path | None = None, cache_dir: Path | None = None,
                        on_progress: Callable[[str], None] | None = None) -> Path:
     """The checkpoint folder ``source`` names, with ``adapter`` merged into it when given."""
-    if source.removeprefix("builtin:") in BUILTIN_ADAPTED and source.startswith("builtin:"):
-        own = BUILTIN_ADAPTED[source.removeprefix("builtin:")][1]
+    adapter = adapter_of(source, adapter)  # a builtin's own adapter, or a refusal, before any conversion
+    return with_adapter(base_checkpoint(source, cache_dir=cache_dir, on_progress=on_progress), source, adapter,
+                        cache_dir=cache_dir, on_progress=on_progress)
+
+
+def adapter_of(source: str, adapter: str | Path | None) -> Path | None:
+    """The adapter merged into ``source``: ``adapter``, or the builtin's own (which it accepts back)."""
+    name = source.removeprefix("builtin:") if source.startswith("builtin:") else None
+    if name in BUILTIN_ADAPTED:
+        own = BUILTIN_ADAPTED[name][1]
         if adapter and Path(adapter).resolve() != own.resolve():  # its own: a manifest records it
             raise UsageError(f"{source} already carries its adapter", hint="pass its base with --adapter instead")
-        adapter = own
-    base = _resolve_base(source, cache_dir, on_progress)
-    if not adapter:
+        return own
+    return Path(adapter) if adapter else None
+
+
+def with_adapter(base: Path, source: str, adapter: str | Path | None, *, cache_dir: Path | None = None,
+                 on_progress: Callable[[str], None] | None = None) -> Path:
+    """``base`` (``source``'s checkpoint folder, base_checkpoint) with ``source``'s adapter
+    merged in (adapter_of): the merged folder, or ``base`` when there is none."""
+    adapter = adapter_of(source, adapter)
+    if adapter is None:
         return base
     from exporter.adapters import merge_adapter
 
@@ -81,7 +96,9 @@ def resolve_checkpoint(source: str, *, adapter: str | Path | None = None, cache_
                          cache_dir=cache_dir or default_cache_dir(), on_progress=on_progress)
 
 
-def _resolve_base(source: str, cache_dir: Path | None, on_progress: Callable[[str], None] | None) -> Path:
+def base_checkpoint(source: str, *, cache_dir: Path | None = None,
+                    on_progress: Callable[[str], None] | None = None) -> Path:
+    """The checkpoint folder ``source`` names, before any adapter (a GGUF converted, once)."""
     if source.startswith("builtin:"):
         name = source.removeprefix("builtin:")
         name = BUILTIN_ADAPTED[name][0] if name in BUILTIN_ADAPTED else name

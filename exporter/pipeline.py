@@ -62,7 +62,7 @@ def export(recipe: ExportRecipe, *, out_dir: Path, model: str | None = None, ada
     goes with the recipe's model.source, not with a --model)."""
     from exporter.adapters import adapter_facts
     from exporter.decoder import DecoderShape
-    from exporter.load import load_model, read_config, resolve_checkpoint, weights_digest
+    from exporter.load import adapter_of, base_checkpoint, load_model, read_config, weights_digest, with_adapter
     from exporter.quant.apply import float_decoder, quantize_decoder
     from exporter.quant.calibration import with_absolute_calibration
 
@@ -80,6 +80,7 @@ def export(recipe: ExportRecipe, *, out_dir: Path, model: str | None = None, ada
 
         adapter = str(Path(adapter).resolve())
         check_adapter(Path(adapter))  # before the out folder exists
+    adapter_of(source, adapter or None)  # a builtin that carries its own refuses another, here too
     recipe = with_absolute_calibration(recipe)
     timings: dict = {}
     out_dir = Path(out_dir)
@@ -88,9 +89,9 @@ def export(recipe: ExportRecipe, *, out_dir: Path, model: str | None = None, ada
 
     with art.atomic_dir(out_dir, overwrite=force) as tmp:
         with Stage("load", backend.name, timings, progress):
-            base = resolve_checkpoint(source, on_progress=progress)
+            base = base_checkpoint(source, on_progress=progress)
             backend.check_shape(DecoderShape.from_config(read_config(base)), recipe)  # before the weights
-            checkpoint = resolve_checkpoint(source, adapter=adapter or None, on_progress=progress)
+            checkpoint = with_adapter(base, source, adapter or None, on_progress=progress)
             loaded = load_model(checkpoint, on_progress=progress)
             facts = ModelFacts.of(loaded, recipe, source=source, weights_sha256=weights_digest(loaded.checkpoint_dir),
                                   adapter=adapter_facts(checkpoint))

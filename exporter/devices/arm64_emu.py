@@ -76,7 +76,7 @@ class Arm64EmuDevice(HostDevice):
         return None
 
     def interpreter(self) -> list[str] | None:
-        return [str(self.root / USERLAND) + self.state["userland"]["python"]]
+        return [userland_python(self.root, self.state["userland"])]
 
     def native_runner(self, target: str) -> Path | None:
         entry = self.state.get("runners", {}).get(target)
@@ -87,6 +87,11 @@ class Arm64EmuDevice(HostDevice):
 
     def runtime_of(self, target: str) -> str:
         return self.state.get("runners", {}).get(target, {}).get("runtime", "")
+
+
+def userland_python(root: Path, userland: dict) -> str:
+    """The userland's Python (device.json's ``userland``) in the device folder ``root``."""
+    return str(root / USERLAND) + userland["python"]
 
 
 def emulated(userland: Path, cpu: str, argv: Sequence[str]) -> list[str]:
@@ -132,11 +137,11 @@ HWCAP_PROBE = ("import ctypes; f = ctypes.CDLL(None).getauxval; f.restype = ctyp
                "f.argtypes = [ctypes.c_ulong]; print(f(16), f(26))")
 
 
-def cpu_features(userland: Path, python: str, cpu: str) -> tuple[str, ...]:
+def cpu_features(root: Path, userland: dict, cpu: str) -> tuple[str, ...]:
     """The hwcaps qemu's CPU model ``cpu`` reports to programs (getauxval), by name."""
     from exporter.devices.native import hardware_features
 
-    proc = subprocess.run(emulated(userland, cpu, [str(userland) + python, "-c", HWCAP_PROBE]),
+    proc = subprocess.run(emulated(root / USERLAND, cpu, [userland_python(root, userland), "-c", HWCAP_PROBE]),
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise StageError(f"the {KIND} userland's Python does not start under {QEMU}: "
@@ -149,9 +154,8 @@ def _describe_cpu(root: Path, state: dict, cpu: str) -> None:
     """Point the userland's /proc/cpuinfo (and the state) at CPU model ``cpu``."""
     from exporter.devices.debian_sysroot import write_cpuinfo
 
-    userland = root / USERLAND
-    features = cpu_features(userland, state["userland"]["python"], cpu)
-    write_cpuinfo(userland, cpu, os.cpu_count() or 1, features=features)
+    features = cpu_features(root, state["userland"], cpu)
+    write_cpuinfo(root / USERLAND, cpu, os.cpu_count() or 1, features=features)
     state["cpu"], state["cpu_features"] = cpu, list(features)
 
 
@@ -194,7 +198,7 @@ def setup(root: Path | None = None, *, progress: Callable[[str], None] = lambda 
             downloads = staging / "downloads"
             binary, wheel = build_device_runner(spec, staging / target, downloads, progress, arch="aarch64",
                                                 python_version=userland["python_version"])
-            launcher = [str(staging / USERLAND) + userland["python"]] if spec.interpreted else []
+            launcher = [userland_python(staging, userland)] if spec.interpreted else []
             probe = subprocess.run(emulated(staging / USERLAND, cpu, [*launcher, str(binary)]),
                                    capture_output=True, text=True)
             if "usage" not in probe.stdout:

@@ -39,8 +39,8 @@ def _apt(state: Path) -> list[str]:
             "-o", f"Dir::Cache={state / 'cache'}", "-o", "Debug::NoLocking=1", "-q"]
 
 
-def _checked(command: list[str], what: str) -> str:
-    proc = subprocess.run(command, capture_output=True, text=True, errors="replace")
+def _checked(command: list[str], what: str, *, cwd: Path | None = None) -> str:
+    proc = subprocess.run(command, capture_output=True, text=True, errors="replace", cwd=cwd)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
         raise StageError(f"{what} failed: {tail}", stage="device setup",
@@ -66,13 +66,10 @@ def build(into: Path, *, cpu: str, cpu_count: int, progress: Callable[[str], Non
                            "apt-cache depends")
         names = sorted({line.strip() for line in depends.splitlines() if line[:1].isalnum()})
         progress(f"downloading {len(names)} Debian {ARCH} packages")
-        subprocess_dir = state / "debs"
-        proc = subprocess.run(["apt-get", *_apt(state), "download", *names], cwd=subprocess_dir,
-                              capture_output=True, text=True, errors="replace")
-        debs = sorted(subprocess_dir.glob("*.deb"))
-        if proc.returncode != 0 or not debs:
-            tail = (proc.stderr.strip().splitlines() or ["nothing downloaded"])[-1]
-            raise StageError(f"apt-get download failed: {tail}", stage="device setup",
+        _checked(["apt-get", *_apt(state), "download", *names], "apt-get download", cwd=state / "debs")
+        debs = sorted((state / "debs").glob("*.deb"))
+        if not debs:
+            raise StageError("apt-get download fetched no package", stage="device setup",
                              hint="the Debian package registry must be reachable for setup (once)")
         into.mkdir(parents=True)
         for deb in debs:

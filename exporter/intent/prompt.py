@@ -24,6 +24,12 @@ class PromptFormat:
     budget: int = 192  # prompt tokens at most (the shipped intent adapter was trained at 192)
 
 
+def encoder(tokenizer) -> Callable[[str], list[int]]:
+    """A transformers tokenizer's ids for a prompt text, no special tokens added (the chat
+    template wrote its own)."""
+    return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def recency(seconds: int | None) -> str:
     if seconds is None:
         return ""

@@ -32,11 +32,9 @@ def stop_ids_of(tokenizer) -> set[int]:
 
 def score_checkpoint(source: str, *, adapter: Path | None = None, eval_set: str = "builtin", sessions: int = 200,
                      max_new_tokens: int = 24, progress: Callable[[str], None] = lambda _m: None) -> dict:
-    import torch
-
     from exporter.intent.evalset import read_eval_set
     from exporter.intent.metrics import normalise, rouge_l_chars
-    from exporter.intent.prompt import PromptFormat, build_prompt
+    from exporter.intent.prompt import PromptFormat, build_prompt, encoder
     from exporter.load import load_model
     from exporter.stats import wilson
 
@@ -44,8 +42,7 @@ def score_checkpoint(source: str, *, adapter: Path | None = None, eval_set: str 
     loaded = load_model(source, adapter=adapter, on_progress=progress)
     tokenizer, model = loaded.tokenizer, loaded.model
     stop = stop_ids_of(tokenizer)
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    torch.manual_seed(0)
+    encode = encoder(tokenizer)
     hits, rouge, examples = 0, 0.0, []
     for i, session in enumerate(chosen):
         prompt, _ = build_prompt(session, PromptFormat(), encode=encode,

@@ -87,7 +87,7 @@ def task_section(sessions: list[dict], *, float_runner, artifact_runner, encode:
 def run_task(task, sessions, loaded, recipe, backend, candidate, facts, progress) -> TaskReport:
     """verify's task section: ``task`` (the recipe's TaskSpec) over ``sessions``, the float
     model in the tool's float static-cache decoder against ``candidate`` (the artifact's runner)."""
-    from exporter.intent.prompt import INSTRUCTION, PromptFormat
+    from exporter.intent.prompt import INSTRUCTION, PromptFormat, encoder
     from exporter.intent.score import stop_ids_of
     from exporter.quant.apply import float_decoder
     from exporter.runners import EagerRunner
@@ -97,7 +97,7 @@ def run_task(task, sessions, loaded, recipe, backend, candidate, facts, progress
     float_runner = EagerRunner(float_decoder(loaded.model, recipe, backend), name="float eager")
     return task_section(
         sessions, float_runner=float_runner, artifact_runner=candidate,
-        encode=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+        encode=encoder(tokenizer),
         decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
         apply_chat_template=tokenizer.apply_chat_template, fmt=fmt, k=task.candidates,
         max_new_tokens=task.max_new_tokens, stop_ids=stop_ids_of(tokenizer) | set(facts.eos_ids),

@@ -24,9 +24,9 @@ TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 
 def examples(sessions, tokenizer, fmt):
     """(input ids, number of prompt tokens) per session: the prompt, the query, the turn's end."""
-    from exporter.intent.prompt import build_prompt
+    from exporter.intent.prompt import build_prompt, encoder
 
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    encode = encoder(tokenizer)
     end = tokenizer.eos_token or "<|im_end|>"
     for session in sessions:
         prompt, _ = build_prompt(session, fmt, encode=encode, apply_chat_template=tokenizer.apply_chat_template)
