@@ -207,7 +207,7 @@ def verify(folder: Path, *, model: str | None = None, device: str | Device = "ho
         with Stage("task", backend.name, timings, progress):
             from exporter.intent.task import run_task, with_task
 
-            task_report = run_task(task, task_sessions, loaded, recipe, backend, candidate, facts, progress)
+            task_report = run_task(task, task_sessions, loaded, candidate, facts, progress)
             report = with_task(report, task_report, task.agreement_min)
     if host_candidate is not None:
         candidate.close()

@@ -121,3 +121,24 @@ def test_the_task_section_end_to_end_on_a_tiny_model(cli, tiny_checkpoints, tmp_
     (tmp_path / "bad.jsonl").write_text('{"id": "x"}\n', encoding="utf-8")
     code, _, err = cli("verify", tmp_path / "art", "--eval", tmp_path / "bad.jsonl")
     assert code == 2 and "bad.jsonl line 1" in err
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_batched_float_candidates_equal_the_one_at_a_time_decoder(tiny_checkpoints, arch):
+    """The float model's k candidates decoded in one batch are the tokens our static-cache
+    decoder gives one candidate at a time, rows leaving the batch at a stop token included."""
+    from exporter.decoder import build_decoder
+    from exporter.intent.task import batched_candidates, candidates
+    from exporter.load import load_model
+    from exporter.runners import EagerRunner
+
+    loaded = load_model(tiny_checkpoints[arch])
+    runner = EagerRunner(build_decoder(loaded.model, max_seq_len=64, max_prefill_len=8))
+    prompt = [5, 17, 3, 99, 42, 7, 11, 64, 23, 8, 31]  # longer than one prefill chunk
+    free = candidates(runner, prompt, k=4, max_new_tokens=9, stop_ids=set())
+    assert len({tuple(c) for c in free}) == 4
+    stop = {free[1][3], free[2][1]}  # two rows stop early, at different steps
+    ours = candidates(runner, prompt, k=4, max_new_tokens=9, stop_ids=stop)
+    assert ours != free
+    assert batched_candidates(loaded.model, prompt, k=4, max_new_tokens=9, stop_ids=stop) == ours
+    assert batched_candidates(loaded.model, prompt, k=4, max_new_tokens=9, stop_ids=set()) == free
