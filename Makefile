@@ -7,6 +7,10 @@ DEMO_RECIPE ?= smollm2-135m/executorch-xnnpack-int4
 DEMO_OUT ?= out/demo-smollm2-int4
 DEMO_ONNX_RECIPE ?= smollm2-135m/onnx-int4
 DEMO_ONNX_OUT ?= out/demo-smollm2-onnx-int4
+# The demo's model is the trained intent model (SmolLM2-135M-Instruct + the committed LoRA
+# adapter, merged); verify adds the task table on the first DEMO_SESSIONS eval sessions.
+DEMO_MODEL ?= builtin:smollm2-135m-intent
+DEMO_SESSIONS ?= 50
 
 .PHONY: demo test device-test venv clean
 
@@ -25,15 +29,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: venv
-	$(VENV)/bin/recgpt-export export $(DEMO_RECIPE) --out $(DEMO_OUT) --force
+	$(VENV)/bin/recgpt-export export $(DEMO_RECIPE) --model $(DEMO_MODEL) --out $(DEMO_OUT) --force
 	# A failed parity gate is the demo's finding, not a reason to skip the benchmark:
 	# the table and $(DEMO_OUT)/parity.json say which gate failed.
-	$(VENV)/bin/recgpt-export verify $(DEMO_OUT) || echo "demo: a parity gate failed (exit $$?); see $(DEMO_OUT)/parity.json"
+	$(VENV)/bin/recgpt-export verify $(DEMO_OUT) --eval builtin --sessions $(DEMO_SESSIONS) || echo "demo: a parity gate failed (exit $$?); see $(DEMO_OUT)/parity.json"
 	$(VENV)/bin/recgpt-export bench $(DEMO_OUT)
 	$(VENV)/bin/recgpt-export generate $(DEMO_OUT) --prompt "用户最近行为：搜索 无线蓝牙耳机；点击 降噪耳机。下一个搜索："
 	# The same model through the ONNX target (onnxruntime, onnxruntime-genai).
-	$(VENV)/bin/recgpt-export export $(DEMO_ONNX_RECIPE) --out $(DEMO_ONNX_OUT) --force
-	$(VENV)/bin/recgpt-export verify $(DEMO_ONNX_OUT) || echo "demo: a parity gate failed (exit $$?); see $(DEMO_ONNX_OUT)/parity.json"
+	$(VENV)/bin/recgpt-export export $(DEMO_ONNX_RECIPE) --model $(DEMO_MODEL) --out $(DEMO_ONNX_OUT) --force
+	$(VENV)/bin/recgpt-export verify $(DEMO_ONNX_OUT) --eval builtin --sessions $(DEMO_SESSIONS) || echo "demo: a parity gate failed (exit $$?); see $(DEMO_ONNX_OUT)/parity.json"
 	$(VENV)/bin/recgpt-export bench $(DEMO_ONNX_OUT)
 	$(VENV)/bin/recgpt-export generate $(DEMO_ONNX_OUT) --prompt "用户最近行为：搜索 无线蓝牙耳机；点击 降噪耳机。下一个搜索："
 
