@@ -11,8 +11,15 @@ after the task's normalisation, with the query of the same checkpoint changed on
     noise floor uses (exporter/parity.py);
   - ``fp16 weights``: every weight rounded to float16 and back (what fp16 storage alone does).
 A quantized artifact cannot be expected to agree with the float model more often than these
-do. Also reported: the share of sessions whose greedy query passes through a step where the
-two most likely tokens are within ``--margin`` logits (a near tie any change can flip).
+do. With ``--int8-parts``, also each part of int8 alone, simulated in eager torch on the float
+model (round to the grid and back), to find which part moves the top query:
+  - ``int8 weights``: every Linear's weight symmetric int8 per output channel;
+  - ``int8 activations``: every Linear's input quantized to asymmetric int8 per token, as
+    XNNPACK's dynamic "8da" schemes and ONNX Runtime's dynamic MatMulInteger do;
+  - ``int8 activations, lm_head float``: the same but the lm_head's input kept float;
+  - ``int8 activations, lm_head only``: only the lm_head's input quantized.
+Also reported: the share of sessions whose greedy query passes through a step where the two
+most likely tokens are within ``--margin`` logits (a near tie any change can flip).
 Writes JSON and prints a table; rates are counts with Wilson 95% intervals.
 """
 
@@ -62,6 +69,45 @@ def fp16_weights(model):
                 p.copy_(saved[name])
 
 
+def _int8_rows(x: torch.Tensor, *, symmetric: bool) -> torch.Tensor:
+    """``x`` rounded to an int8 grid per row (last dim) and back."""
+    if symmetric:
+        scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127
+        return torch.clamp(torch.round(x / scale), -127, 127) * scale
+    low = x.amin(dim=-1, keepdim=True).clamp(max=0)
+    high = x.amax(dim=-1, keepdim=True).clamp(min=0)
+    scale = ((high - low) / 255).clamp(min=1e-12)
+    zero = torch.round(-128 - low / scale)
+    return (torch.clamp(torch.round(x / scale) + zero, -128, 127) - zero) * scale
+
+
+@contextlib.contextmanager
+def int8_weights(model):
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    saved = [m.weight.detach().clone() for m in linears]
+    with torch.no_grad():
+        for m in linears:
+            m.weight.copy_(_int8_rows(m.weight, symmetric=True))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, w in zip(linears, saved, strict=True):
+                m.weight.copy_(w)
+
+
+@contextlib.contextmanager
+def int8_activations(model, which):
+    """Inputs of the Linears ``which(name)`` accepts quantized per token."""
+    handles = [m.register_forward_pre_hook(lambda _m, args: (_int8_rows(args[0], symmetric=False),))
+               for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and which(name)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def main() -> None:
     from exporter.intent.evalset import read_eval_set
     from exporter.intent.metrics import normalise
@@ -77,6 +123,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--relative", type=float, nargs="+", default=[1e-3, -1e-3, 1e-2])
     parser.add_argument("--margin", type=float, default=0.5)
+    parser.add_argument("--int8-parts", action="store_true", help="also each part of int8 alone (eager)")
     parser.add_argument("--out", type=Path, default=Path("task-noise.json"))
     args = parser.parse_args()
 
@@ -100,6 +147,15 @@ def main() -> None:
             variants[f"embed x (1 {relative:+g})"] = queries()[0]
     with fp16_weights(model):
         variants["fp16 weights"] = queries()[0]
+    if args.int8_parts:
+        with int8_weights(model):
+            variants["int8 weights"] = queries()[0]
+        parts = {"int8 activations": lambda name: True,
+                 "int8 activations, lm_head float": lambda name: name != "lm_head",
+                 "int8 activations, lm_head only": lambda name: name == "lm_head"}
+        for name, which in parts.items():
+            with int8_activations(model, which):
+                variants[name] = queries()[0]
 
     n = len(sessions)
     near_ties = wilson(sum(m < args.margin for m in margins), n)
@@ -108,11 +164,11 @@ def main() -> None:
               "near_tie_sessions": {"hits": near_ties.hits, "n": n, "low": near_ties.low, "high": near_ties.high},
               "agreement": {}}
     print(f"{n} sessions of {args.eval}, {args.model}; greedy queries, agreement with the unperturbed float model")
-    print(f"{'variant':<24} {'top query agreed':<32}")
+    print(f"{'variant':<34} {'top query agreed':<32}")
     for name, got in variants.items():
         rate = wilson(sum(a == b for a, b in zip(reference, got, strict=True)), n)
         result["agreement"][name] = {"hits": rate.hits, "n": n, "rate": rate.value, "low": rate.low, "high": rate.high}
-        print(f"{name:<24} {rate!s:<32}")
+        print(f"{name:<34} {rate!s:<32}")
     print(f"sessions with a step whose top-2 logits are within {args.margin}: {near_ties}")
     args.out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")

@@ -210,6 +210,9 @@ def render_task(task) -> None:
     table.add_row(f"MRR@{task.candidates}", f"{task.float_model.mrr_at_k:.3f}", f"{task.artifact.mrr_at_k:.3f}")
     table.add_row("character ROUGE-L", f"{task.float_model.rouge_l_chars:.3f}", f"{task.artifact.rouge_l_chars:.3f}")
     out_console.print(table)
+    if task.float_from_cache:
+        out_console.print(f"float model's candidates for {task.float_from_cache} of {task.sessions} sessions: "
+                          "from an earlier verify of this checkpoint (cache folder task-reference/)", highlight=False)
 
 
 @app.command()

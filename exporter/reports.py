@@ -112,6 +112,7 @@ class TaskReport:
     float_model: TaskScores
     artifact: TaskScores
     disagreements: tuple[dict, ...] = ()  # the first few: session id, both top queries
+    float_from_cache: int = 0  # sessions whose float candidates an earlier verify of this checkpoint decoded
 
 
 @dataclass(frozen=True, kw_only=True)

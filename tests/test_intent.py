@@ -97,12 +97,15 @@ def test_intent_generate_writes_both_splits(cli, tmp_path):
     assert len(read_eval_set(tmp_path / "train.jsonl")) == 20
 
 
-def test_the_task_section_end_to_end_on_a_tiny_model(cli, tiny_checkpoints, tmp_path):
+def test_the_task_section_end_to_end_on_a_tiny_model(cli, tiny_checkpoints, tmp_path, monkeypatch):
     """Float model vs artifact on generated sessions: an fp32 artifact must agree on every
-    top query; the report carries counts and intervals; a bad eval line stops verify first."""
+    top query; the report carries counts and intervals; a second verify takes the float
+    model's candidates from the cache and reports the same; a bad eval line stops verify first."""
     from conftest import write_recipe
 
     from exporter.intent.sessions import write_jsonl
+
+    monkeypatch.setenv("RECGPT_EXPORT_CACHE", str(tmp_path / "cache"))
 
     write_jsonl(list(generate(5, 6)), tmp_path / "eval.jsonl")
     task = ('[task]\neval = "' + str(tmp_path / "eval.jsonl") + '"\nsessions = 4\ncandidates = 3\n'
@@ -117,7 +120,15 @@ def test_the_task_section_end_to_end_on_a_tiny_model(cli, tiny_checkpoints, tmp_
     assert report["agreement_top1"]["hits"] == 4 and report["agreement_top1"]["n"] == 4
     assert report["candidate_overlap"] == 1.0 and report["artifact"] == report["float_model"]
     assert 0.0 < report["agreement_top1"]["low"] < 1.0 == report["agreement_top1"]["high"]
-    assert "task: 4 sessions" in out
+    assert "task: 4 sessions" in out and report["float_from_cache"] == 0
+    cached = list((tmp_path / "cache" / "task-reference").glob("*.json"))
+    assert len(cached) == 1 and len(json.loads(cached[0].read_text())) == 4
+    code, out, err = cli("verify", tmp_path / "art", "--prompts", "2", "--decode-steps", "4")
+    assert code == 0, out + err
+    again = json.loads((tmp_path / "art" / "parity.json").read_text())["task"]
+    assert again["float_from_cache"] == 4 and "for 4 of 4 sessions" in out
+    assert {k: v for k, v in again.items() if k != "float_from_cache"} == \
+        {k: v for k, v in report.items() if k != "float_from_cache"}
     (tmp_path / "bad.jsonl").write_text('{"id": "x"}\n', encoding="utf-8")
     code, _, err = cli("verify", tmp_path / "art", "--eval", tmp_path / "bad.jsonl")
     assert code == 2 and "bad.jsonl line 1" in err
@@ -142,3 +153,29 @@ def test_batched_float_candidates_equal_the_one_at_a_time_decoder(tiny_checkpoin
     assert ours != free
     assert batched_candidates(loaded.model, prompt, k=4, max_new_tokens=9, stop_ids=stop) == ours
     assert batched_candidates(loaded.model, prompt, k=4, max_new_tokens=9, stop_ids=set()) == free
+
+
+def test_cached_float_candidates_miss_on_another_key_and_recompute_a_damaged_file(tmp_path):
+    """The cache answers only what was asked before under the same key; a damaged file is
+    decoded again, never read as an answer."""
+    from exporter.intent.reference_cache import CachedCandidates, reference_key
+
+    calls = []
+
+    def decode(prompt, **kw):
+        calls.append(list(prompt))
+        return [[len(prompt), kw["k"]]]
+
+    key = reference_key(weights_sha256="ab" * 32, k=2, max_new_tokens=4, stop_ids={2})
+    assert key != reference_key(weights_sha256="ab" * 32, k=3, max_new_tokens=4, stop_ids={2})
+    assert key != reference_key(weights_sha256="cd" * 32, k=2, max_new_tokens=4, stop_ids={2})
+    first = CachedCandidates.open(decode, tmp_path, key)
+    assert first([1, 2, 3], k=2) == [[3, 2]] and first([1, 2, 3], k=2) == [[3, 2]]
+    first.save()
+    assert (first.hits, first.misses, len(calls)) == (1, 1, 1)
+    second = CachedCandidates.open(decode, tmp_path, key)
+    assert second([1, 2, 3], k=2) == [[3, 2]] and second([1, 2], k=2) == [[2, 2]]
+    assert (second.hits, second.misses, len(calls)) == (1, 1, 2)
+    first.path.write_text("{not json", encoding="utf-8")
+    third = CachedCandidates.open(decode, tmp_path, key)
+    assert third([1, 2, 3], k=2) == [[3, 2]] and third.misses == 1 and len(calls) == 3

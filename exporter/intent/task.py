@@ -13,6 +13,7 @@ position reads them). The float checkpoint decodes its k candidates in one batch
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -126,26 +127,36 @@ def task_section(sessions: list[dict], *, float_candidates: CandidateFn, artifac
 def run_task(task, sessions, loaded, candidate, facts, progress) -> TaskReport:
     """verify's task section: ``task`` (the recipe's TaskSpec) over ``sessions``, the float
     checkpoint as transformers runs it (its k candidates in one batch) against ``candidate``
-    (the artifact's runner, one candidate after another: its cache has one row)."""
+    (the artifact's runner, one candidate after another: its cache has one row). The float
+    side's candidates are kept per checkpoint (intent/reference_cache.py): verifying a second
+    artifact of the same checkpoint decodes only the artifact's side."""
     from exporter.intent.prompt import INSTRUCTION, PromptFormat, encoder
+    from exporter.intent.reference_cache import CachedCandidates, reference_key
     from exporter.intent.score import stop_ids_of
+    from exporter.load import default_cache_dir
 
     tokenizer = loaded.tokenizer
     fmt = PromptFormat(template=task.template, instruction=task.instruction or INSTRUCTION, budget=task.budget)
-    return task_section(
-        sessions, float_candidates=lambda ids, **kw: batched_candidates(loaded.model, ids, **kw),
-        artifact_candidates=lambda ids, **kw: candidates(candidate, ids, **kw),
-        encode=encoder(tokenizer),
-        decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-        apply_chat_template=tokenizer.apply_chat_template, fmt=fmt, k=task.candidates,
-        max_new_tokens=task.max_new_tokens, stop_ids=stop_ids_of(tokenizer) | set(facts.eos_ids),
-        eval_set=task.eval, progress=progress)
+    stop_ids = stop_ids_of(tokenizer) | set(facts.eos_ids)
+    float_side = CachedCandidates.open(
+        lambda ids, **kw: batched_candidates(loaded.model, ids, **kw), default_cache_dir(),
+        reference_key(weights_sha256=facts.weights_sha256, k=task.candidates, max_new_tokens=task.max_new_tokens,
+                      stop_ids=stop_ids))
+    try:
+        report = task_section(
+            sessions, float_candidates=float_side,
+            artifact_candidates=lambda ids, **kw: candidates(candidate, ids, **kw),
+            encode=encoder(tokenizer),
+            decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+            apply_chat_template=tokenizer.apply_chat_template, fmt=fmt, k=task.candidates,
+            max_new_tokens=task.max_new_tokens, stop_ids=stop_ids, eval_set=task.eval, progress=progress)
+    finally:
+        float_side.save()  # what was decoded is kept even when the run is interrupted
+    return replace(report, float_from_cache=float_side.hits)
 
 
 def with_task(report, task_report: TaskReport, agreement_min: float):
     """The ParityReport with its task section, and the task gate's failure when it misses."""
-    from dataclasses import replace
-
     failures = list(report.failures)
     agreed = task_report.agreement_top1
     if agreed.value < agreement_min:
