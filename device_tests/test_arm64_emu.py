@@ -97,3 +97,23 @@ def test_a_phone_core_without_i8mm_or_sve(tiny_checkpoints, tmp_path):
     assert "asimddp" in features and "i8mm" not in features and "sve" not in features
     assert report.passed, report.failures
     assert report.device_vs_host.top1_agreement >= 0.98 and report.device_vs_host.cosine_min >= 0.999
+
+
+@pytest.mark.parametrize("target", ["executorch", "onnx"])
+def test_the_task_section_on_the_emulator(tiny_checkpoints, tmp_path, target):
+    """verify --device runs the task section through the device runner: an fp32 artifact on
+    aarch64 kernels predicts the float model's top query in every session, and its candidate
+    queries are the float model's."""
+    from exporter.intent.sessions import generate, write_jsonl
+    from exporter.pipeline import verify
+
+    write_jsonl(list(generate(11, 3)), tmp_path / "eval.jsonl")
+    task = ('[task]\nsessions = 3\ncandidates = 2\nmax_new_tokens = 4\n'
+            'template = "行为：\\n{behaviours}\\n查询："\nbudget = 64\nagreement_min = 1.0\n')
+    folder = export(tmp_path, tiny_checkpoints["qwen3"], f"tiny-qwen3-{target}-task",
+                    f'[target]\nname = "{target}"\n' + FP32_GATES + task)
+    report = verify(folder, device="arm64-emu", prompts=1, decode_steps=4, greedy_tokens=4,
+                    eval_set=str(tmp_path / "eval.jsonl"))
+    assert report.device_facts.arch == "aarch64" and report.task is not None
+    assert report.task.sessions == 3 and report.task.agreement_top1.hits == 3
+    assert report.task.candidate_overlap == 1.0 and report.task.artifact == report.task.float_model
