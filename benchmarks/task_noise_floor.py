@@ -56,44 +56,40 @@ def embedding_scaled(model, relative: float):
 
 
 @contextlib.contextmanager
-def fp16_weights(model):
-    saved = {name: p.detach().clone() for name, p in model.named_parameters()}
+def weights_replaced(params, change):
+    """Each of ``params`` replaced by ``change(itself)`` inside the block, restored after."""
+    saved = [p.detach().clone() for p in params]
     with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(p.half().float())
+        for p in params:
+            p.copy_(change(p))
     try:
         yield
     finally:
         with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(saved[name])
+            for p, original in zip(params, saved, strict=True):
+                p.copy_(original)
+
+
+def fp16_weights(model):
+    return weights_replaced(list(model.parameters()), lambda p: p.half().float())
 
 
 def _int8_rows(x: torch.Tensor, *, symmetric: bool) -> torch.Tensor:
-    """``x`` rounded to an int8 grid per row (last dim) and back."""
+    """``x`` rounded to an int8 grid per row (last dim) and back (exporter/quant/grids.py's rules)."""
+    from exporter.quant.grids import absmax_scales, asymmetric_range
+
     if symmetric:
-        scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127
+        scale = absmax_scales(x, 127)[..., None].clamp(min=1e-12)
         return torch.clamp(torch.round(x / scale), -127, 127) * scale
-    low = x.amin(dim=-1, keepdim=True).clamp(max=0)
-    high = x.amax(dim=-1, keepdim=True).clamp(min=0)
-    scale = ((high - low) / 255).clamp(min=1e-12)
+    scale, low = asymmetric_range(x, 8)
+    scale, low = scale[..., None].clamp(min=1e-12), low[..., None]
     zero = torch.round(-128 - low / scale)
     return (torch.clamp(torch.round(x / scale) + zero, -128, 127) - zero) * scale
 
 
-@contextlib.contextmanager
 def int8_weights(model):
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    saved = [m.weight.detach().clone() for m in linears]
-    with torch.no_grad():
-        for m in linears:
-            m.weight.copy_(_int8_rows(m.weight, symmetric=True))
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for m, w in zip(linears, saved, strict=True):
-                m.weight.copy_(w)
+    return weights_replaced([m.weight for m in linears], lambda w: _int8_rows(w, symmetric=True))
 
 
 @contextlib.contextmanager

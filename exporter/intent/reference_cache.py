@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from exporter.intent.task import CandidateFn
 
 FOLDER = "task-reference"
-CandidateFn = Callable[..., list[list[int]]]  # as intent/task.py declares it
 
 
 def reference_key(*, weights_sha256: str, k: int, max_new_tokens: int, stop_ids: set[int]) -> str:
