@@ -15,13 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from exporter.intent.task import CandidateFn
 
 FOLDER = "task-reference"
 
@@ -41,17 +37,17 @@ def _prompt_digest(prompt: Sequence[int]) -> str:
 
 @dataclass
 class CachedCandidates:
-    """``decode`` (one model's CandidateFn) with its answers kept in ``path``: call it as the
+    """``decode`` (one model's intent/task.CandidateFn) with its answers kept in ``path``: call it as the
     CandidateFn, then ``save()``. ``hits`` / ``misses`` count this run's prompts."""
 
-    decode: CandidateFn
+    decode: Callable[..., list[list[int]]]
     path: Path
     entries: dict[str, list[list[int]]] = field(default_factory=dict)
     hits: int = 0
     misses: int = 0
 
     @classmethod
-    def open(cls, decode: CandidateFn, cache_dir: Path, key: str) -> CachedCandidates:
+    def open(cls, decode: Callable[..., list[list[int]]], cache_dir: Path, key: str) -> CachedCandidates:
         path = Path(cache_dir) / FOLDER / f"{key}.json"
         entries = {}
         if path.is_file():
