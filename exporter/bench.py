@@ -15,13 +15,16 @@ import resource
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import numpy as np
 
 from exporter import artifact as art
 from exporter.devices import Device
 from exporter.errors import StageError
 from exporter.manifest import ArtifactManifest
-from exporter.reports import BenchReport, PrefillCase, Spread
+from exporter.reports import BenchReport, PrefillCase, PrefixTTFT, Spread
 
 
 def prompt_text(encode, decode, length: int) -> str:
@@ -35,13 +38,31 @@ def prompt_text(encode, decode, length: int) -> str:
     return decode(pool[:length])
 
 
+def prefix_prompts(artifact, count: int) -> list[list[int]]:
+    """The first ``count`` intent eval prompts in the artifact's recipe's task format, as the
+    source tokenizer (saved in the folder) encodes them: the ids its prompt prefix is in."""
+    if count == 0 or not artifact.manifest.model.prompt_prefix_ids:
+        return []
+    from transformers import AutoTokenizer
+
+    from exporter.intent.evalset import read_eval_set
+    from exporter.intent.prompt import behaviour_prompt_ids
+    from exporter.recipe_io import recipe_from_dict
+
+    task = recipe_from_dict(artifact.manifest.recipe).task
+    tokenizer = AutoTokenizer.from_pretrained(artifact.path)
+    return behaviour_prompt_ids(read_eval_set(task.eval or "builtin")[:count], task, tokenizer,
+                                fits=artifact.manifest.model.max_seq_len - 1)
+
+
 def run_bench(artifact, backend, spec, device: Device, *, progress=lambda s: None) -> BenchReport:
     """Measure on ``device``: in a fresh worker process where the device runs this tool's
     Python, else through the backend's native runner there; then build the report."""
+    prompts = prefix_prompts(artifact, spec.prefix_prompts)
     if device.python() is None:
-        raw, info = _native_measurements(artifact, backend, spec, device, progress)
+        raw, info = _native_measurements(artifact, backend, spec, device, prompts, progress)
     else:
-        raw, info = _worker_measurements(artifact, backend, spec, device, progress), device.describe()
+        raw, info = _worker_measurements(artifact, backend, spec, device, prompts, progress), device.describe()
     manifest = artifact.manifest
     prefill = {str(n): PrefillCase(prompt_tokens=case["prompt_tokens"], prefill_tok_s=Spread.of(case["prefill_tok_s"]),
                                    ttft_ms=Spread.of(case["ttft_ms"])) for n, case in raw["prefill"].items()}
@@ -55,18 +76,59 @@ def run_bench(artifact, backend, spec, device: Device, *, progress=lambda s: Non
         artifact_mb=sum(entry.bytes for entry in manifest.files.values()) / 1e6,
         bytes_per_decoded_token=bytes_per_decoded_token(manifest),
         environment=art.environment(), prefill_tok_s=longest.prefill_tok_s, ttft_ms=longest.ttft_ms,
-        device_facts=info,
+        device_facts=info, prefix_ttft=_prefix_report(raw.get("prefix")),
     )
 
 
-def _worker_measurements(artifact, backend, spec, device: Device, progress) -> dict:
+def _prefix_report(raw: dict | None) -> PrefixTTFT | None:
+    if not raw or not raw["whole_ms"]:
+        return None
+    whole, cached = Spread.of(raw["whole_ms"]), Spread.of(raw["cached_ms"])
+    return PrefixTTFT(prefix_tokens=raw["prefix_tokens"], prompt_tokens=Spread.of(raw["prompt_tokens"]),
+                      whole_ttft_ms=whole, cached_ttft_ms=cached, ratio=cached.median / whole.median,
+                      same_first_token=raw["same_first_token"], prefix_prefill_ms=raw["prefix_prefill_ms"])
+
+
+def measure_prefix(runner, prefix: list[int], prompts: list[list[int]], progress=lambda s: None) -> dict:
+    """TTFT (prefill + the first token's argmax) of each prompt whole and from the cached
+    prefix, in turn, so both see the same machine state. After a whole prefill the prefix is
+    prefilled again, untimed: the app's cache holds the prefix computed alone. The first
+    prompt runs once untimed as a warm-up."""
+    from exporter.runners import PrefixCachedRunner
+
+    cached = PrefixCachedRunner(runner, prefix)
+    served = [p for p in prompts if cached.starts_with_prefix(p)]
+    progress(f"TTFT on {len(served)} behaviour prompts, whole and from the cached {len(prefix)}-token prefix")
+    out = {"prefix_tokens": len(prefix), "prompt_tokens": [len(p) for p in served], "whole_ms": [], "cached_ms": [],
+           "same_first_token": 0}
+    t0 = time.perf_counter()
+    cached.prefill_prefix()
+    out["prefix_prefill_ms"] = (time.perf_counter() - t0) * 1e3
+    for i, prompt in enumerate(served[:1] + served):
+        t0 = time.perf_counter()
+        whole = int(np.argmax(runner.prefill(prompt)))
+        whole_ms = (time.perf_counter() - t0) * 1e3
+        cached.prefill_prefix()
+        t0 = time.perf_counter()
+        first = int(np.argmax(cached.prefill(prompt)))
+        cached_ms = (time.perf_counter() - t0) * 1e3
+        if i > 0:
+            out["whole_ms"].append(whole_ms)
+            out["cached_ms"].append(cached_ms)
+            out["same_first_token"] += whole == first
+    return out
+
+
+def _worker_measurements(artifact, backend, spec, device: Device, prompts, progress) -> dict:
     progress(f"benchmark in a worker process ({spec.warmup} warm-up + {spec.runs} runs per case, "
-             f"{spec.threads} threads)")
+             f"{spec.threads} threads" + (f"; then TTFT on {len(prompts)} behaviour prompts, whole and from the "
+                                          "cached prompt prefix)" if prompts else ")"))
     folder = device.push(artifact.path)
     # The runner prints generated text on stdout, so the worker reports through a file.
     scratch = Path(tempfile.mkdtemp(prefix="recgpt-bench-"))
     result_file = scratch / "result.json"
-    cmd = [*device.python(), "-m", "exporter.bench", str(folder), str(result_file), json.dumps(_spec_dict(spec))]
+    cmd = [*device.python(), "-m", "exporter.bench", str(folder), str(result_file),
+           json.dumps({**_spec_dict(spec), "prefix_prompts": prompts})]
     package_root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     try:
@@ -79,7 +141,7 @@ def _worker_measurements(artifact, backend, spec, device: Device, progress) -> d
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _native_measurements(artifact, backend, spec, device: Device, progress):
+def _native_measurements(artifact, backend, spec, device: Device, prompts, progress):
     """The device times prefill and decode inside its native runner; peak RSS and CPU time are
     the runner process's (under emulation, the emulator's: relative figures only)."""
     from exporter.devices.native import NativeBenchSession, open_native_runner
@@ -91,6 +153,8 @@ def _native_measurements(artifact, backend, spec, device: Device, progress):
         encode, decode = backend.shipped_tokenizer(artifact)  # on the host: the runner takes token ids
         raw = measure(NativeBenchSession(runner, encode, decode), _spec_dict(spec), progress)
         raw.update(baseline_rss_mb=0.0, peak_rss_mb=runner.peak_rss_mb())
+        if prompts:
+            raw["prefix"] = measure_prefix(runner, list(artifact.manifest.model.prompt_prefix_ids), prompts, progress)
     finally:
         runner.close()
         device.cleanup()
@@ -160,6 +224,10 @@ def _worker(folder: str, result_path: str, spec_json: str) -> None:
     out = measure(session, spec)
     out["baseline_rss_mb"] = baseline
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+    if spec["prefix_prompts"]:  # after peak RSS is read: the runner is a second copy of the program
+        del session
+        out["prefix"] = measure_prefix(backend.load_runner(artifact), list(artifact.manifest.model.prompt_prefix_ids),
+                                       spec["prefix_prompts"])
     Path(result_path).write_text(json.dumps(out))
 
 

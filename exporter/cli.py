@@ -190,6 +190,13 @@ def render_parity(report) -> None:
             elif isinstance(value, NoiseFloor):  # the reference against itself, slightly perturbed
                 for metric in ("max_abs_diff", "cosine_min", "top1_agreement"):
                     table.add_row(section, f"noise floor {metric}", f"{getattr(value, metric):.6g}")
+    if report.prefix is not None:  # the cached prompt prefix against the whole prompt
+        prefix = report.prefix
+        table.add_row("prefix", "prefix tokens", str(prefix.prefix_tokens))
+        table.add_row("prefix", "prompts served from it", f"{prefix.served}/{prefix.prompts}")
+        for name in ("max_abs_diff", "cosine_min", "top1_agreement", "positions"):
+            value = getattr(prefix.metrics, name)
+            table.add_row("prefix", name, f"{value:.6g}" if isinstance(value, float) else str(value))
     out_console.print(table)
     if report.task is not None:
         render_task(report.task)
@@ -247,7 +254,16 @@ def bench(
         row(f"prefill_tok_s @{case.prompt_tokens} tok", case.prefill_tok_s)
         row(f"ttft_ms @{case.prompt_tokens} tok", case.ttft_ms)
     row(f"decode_tok_s ({report.decode_tokens} tok)", report.decode_tok_s)
+    prefix = report.prefix_ttft
+    if prefix is not None:
+        row(f"behaviour prompt tokens ({prefix.prefix_tokens} in the prefix)", prefix.prompt_tokens)
+        row("ttft_ms, whole prompt", prefix.whole_ttft_ms)
+        row("ttft_ms, cached prefix", prefix.cached_ttft_ms)
     out_console.print(table)
+    if prefix is not None:
+        out_console.print(f"cached prefix: TTFT x{prefix.ratio:.2f} of the whole prompt's (medians); same first token "
+                          f"on {prefix.same_first_token}/{prefix.whole_ttft_ms.runs} prompts; the prefix itself "
+                          f"prefills once in {prefix.prefix_prefill_ms:.0f} ms")
     out_console.print(f"decode CPU {report.decode_cpu_s.median:.2f} s over {report.decode_wall_s.median:.2f} s wall "
                       f"(median run)")
     out_console.print(f"load {report.load_ms:.0f} ms | peak RSS {report.peak_rss_mb:.0f} MB | "

@@ -8,6 +8,7 @@ device farm checking it again). Version 2 (this one) has the target's facts unde
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,9 +38,13 @@ class ModelFacts:
     adapter: str = ""
     adapter_sha256: str = ""
     base_weights_sha256: str = ""
+    # The prompt prefix an app keeps in the KV cache (recipe task.cached_prefix), as ids of the
+    # source tokenizer; empty: none.
+    prompt_prefix_ids: tuple[int, ...] = ()
 
     @classmethod
-    def of(cls, loaded, recipe, *, source: str, weights_sha256: str, adapter: dict | None = None) -> ModelFacts:
+    def of(cls, loaded, recipe, *, source: str, weights_sha256: str, adapter: dict | None = None,
+           prompt_prefix_ids: Sequence[int] = ()) -> ModelFacts:
         config, tokenizer = loaded.config, loaded.tokenizer
         eos = config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -50,7 +55,8 @@ class ModelFacts:
                    architecture=loaded.architecture, vocab_size=config.vocab_size, n_layers=config.num_hidden_layers,
                    hidden_size=config.hidden_size, max_seq_len=recipe.kv_cache.max_seq_len,
                    max_prefill_len=recipe.kv_cache.max_prefill_len, bos_id=-1 if bos is None else int(bos),
-                   eos_ids=tuple(sorted(int(e) for e in eos_ids)), **(adapter or {}))
+                   eos_ids=tuple(sorted(int(e) for e in eos_ids)),
+                   prompt_prefix_ids=tuple(int(t) for t in prompt_prefix_ids), **(adapter or {}))
 
 
 @dataclass(frozen=True, kw_only=True)

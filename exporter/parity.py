@@ -23,10 +23,11 @@ from exporter.reports import (
     LoweringMetrics,
     NoiseFloor,
     ParityReport,
+    PrefixParity,
     QualityMetrics,
     TokenizerReport,
 )
-from exporter.runners import PerturbedRunner, Runner, SequenceScorer, greedy
+from exporter.runners import ChunkedRunner, PerturbedRunner, PrefixCachedRunner, Runner, SequenceScorer, greedy
 from exporter.spec import ParitySpec
 
 
@@ -148,6 +149,48 @@ def check_parity(*, candidate: Runner, quantized_reference: Runner, float_refere
                                           quality_reference=float_reference.name, prompts=len(prompts),
                                           decode_steps=spec.decode_steps),
                         device_vs_host=lowering_metrics(cand, np.concatenate(host_rows)) if host_rows else None)
+
+
+def prefix_parity(runner: ChunkedRunner, prefix: Sequence[int], prompts: Sequence[Sequence[int]],
+                  steps: int) -> PrefixParity:
+    """The cached-prefix path of ``runner`` against its whole-prompt path, on the prompts that
+    start with ``prefix``: after each prompt and ``steps`` - 1 greedy tokens of the whole path.
+
+    The whole prompts run first; then the prefix is prefilled once and every prompt is served
+    from it in turn, as an app serves its requests, so a request that read another's leftover
+    positions would show here."""
+    cached = PrefixCachedRunner(runner, prefix)
+    served = [list(p) for p in prompts if cached.starts_with_prefix(p)]
+    whole_rows, continuations = [], []
+    for prompt in served:
+        seen: list[np.ndarray] = []
+        continuations.append(greedy(runner, prompt, steps, eos_ids=set(), logits_seen=seen))
+        whole_rows.append(np.stack(seen[:len(continuations[-1])]))
+    cached.prefill_prefix()
+    cached_rows = [teacher_forced_logits(cached, prompt, continuation)
+                   for prompt, continuation in zip(served, continuations, strict=True)]
+    if not served:
+        metrics = LoweringMetrics(max_abs_diff=0.0, cosine_min=1.0, top1_agreement=1.0, positions=0)
+    else:
+        metrics = lowering_metrics(np.concatenate(cached_rows), np.concatenate(whole_rows))
+    return PrefixParity(prefix_tokens=len(prefix), prompts=len(prompts), served=len(served), metrics=metrics)
+
+
+def prefix_failures(spec: ParitySpec, lowering: LoweringMetrics, prefix: PrefixParity) -> list[str]:
+    """The lowering gates (with the noise floor ``lowering`` measured) on the prefix path."""
+    max_abs, cos_min, top1_min, floor_note = lowering_limits(spec, lowering)
+    m = prefix.metrics
+    checks = [
+        (prefix.served > 0, f"prefix: none of {prefix.prompts} behaviour prompts starts with the artifact's "
+                            f"{prefix.prefix_tokens}-token prompt prefix (task.cached_prefix)"),
+        (m.max_abs_diff <= max_abs, f"prefix: max abs logit difference from the whole prompt {m.max_abs_diff:.3g} "
+                                    f"exceeds {max_abs:.3g}{floor_note}"),
+        (m.cosine_min >= cos_min, f"prefix: minimum cosine with the whole prompt {m.cosine_min:.6f} is below "
+                                  f"{cos_min:.6f}{floor_note}"),
+        (m.top1_agreement >= top1_min, f"prefix: top-1 agreement with the whole prompt {m.top1_agreement:.2%} is "
+                                       f"below {top1_min:.2%}{floor_note}"),
+    ]
+    return [message for ok, message in checks if not ok]
 
 
 FLOOR_METRICS = ("max_abs_diff", "cosine_min", "top1_agreement")

@@ -26,6 +26,8 @@ from exporter.reports import BENCH_FILE, PARITY_FILE, BenchReport, ParityReport
 from exporter.spec import ExportRecipe, ScaleSearchSpec, TuningSpec
 
 Progress = Callable[[str], None]
+# verify's prefix check: logits after each behaviour prompt and this many - 1 greedy tokens.
+PREFIX_DECODE_STEPS = 4
 
 
 def _quiet(_: str) -> None:
@@ -62,6 +64,7 @@ def export(recipe: ExportRecipe, *, out_dir: Path, model: str | None = None, ada
     goes with the recipe's model.source, not with a --model)."""
     from exporter.adapters import adapter_facts
     from exporter.decoder import DecoderShape
+    from exporter.intent.prompt import cached_prefix_ids
     from exporter.load import adapter_of, base_checkpoint, load_model, read_config, weights_digest, with_adapter
     from exporter.quant.apply import float_decoder, quantize_decoder
     from exporter.quant.calibration import with_absolute_calibration
@@ -94,7 +97,8 @@ def export(recipe: ExportRecipe, *, out_dir: Path, model: str | None = None, ada
             checkpoint = with_adapter(base, source, adapter or None, on_progress=progress)
             loaded = load_model(checkpoint, on_progress=progress)
             facts = ModelFacts.of(loaded, recipe, source=source, weights_sha256=weights_digest(loaded.checkpoint_dir),
-                                  adapter=adapter_facts(checkpoint))
+                                  adapter=adapter_facts(checkpoint),
+                                  prompt_prefix_ids=cached_prefix_ids(recipe.task, loaded.tokenizer))
         with Stage("quantize", backend.name, timings, progress):
             lm = float_decoder(loaded.model, recipe, backend)
             # The float checkpoint is not needed past this point: the decoder holds its own
@@ -143,10 +147,17 @@ def verify(folder: Path, *, model: str | None = None, device: str | Device = "ho
     ("builtin" or a JSONL file; default the recipe's task.eval) adds the task section: the
     float model's next queries against the artifact's, on ``sessions`` sessions."""
     from exporter.load import load_model, weights_digest
-    from exporter.parity import check_parity, noise_references, parity_prompts, tokenizer_parity
+    from exporter.parity import (
+        check_parity,
+        noise_references,
+        parity_prompts,
+        prefix_failures,
+        prefix_parity,
+        tokenizer_parity,
+    )
     from exporter.prompts import TOKENIZER_CORPUS
     from exporter.quant.apply import build_quantized
-    from exporter.runners import EagerRunner, TransformersRunner
+    from exporter.runners import EagerRunner, PrefixCachedRunner, TransformersRunner
 
     target_device = get_device(device)
     artifact = art.read_artifact(folder)
@@ -177,8 +188,9 @@ def verify(folder: Path, *, model: str | None = None, device: str | Device = "ho
         if target_device.python() is None:
             from exporter.devices.native import open_native_runner
 
-            candidate, device_facts = open_native_runner(target_device, backend, artifact,
-                                                         threads=recipe.bench.threads)
+            device_runner, device_facts = open_native_runner(target_device, backend, artifact,
+                                                             threads=recipe.bench.threads)
+            candidate = device_runner
             host_candidate = backend.load_runner(artifact)
         else:
             candidate = backend.load_runner(artifact)
@@ -203,6 +215,19 @@ def verify(folder: Path, *, model: str | None = None, device: str | Device = "ho
             eos_ids=set(facts.eos_ids), on_step=progress, noise_references=noise_references(lm, recipe),
             host_candidate=host_candidate,
         )
+    if facts.prompt_prefix_ids:
+        with Stage("prefix", backend.name, timings, progress):
+            from exporter.intent.evalset import read_eval_set
+            from exporter.intent.prompt import behaviour_prompt_ids
+
+            sessions_for_prefix = (task_sessions or read_eval_set("builtin"))[:recipe.parity.prompts]
+            prefix_report = prefix_parity(candidate, facts.prompt_prefix_ids,
+                                          behaviour_prompt_ids(sessions_for_prefix, task, loaded.tokenizer,
+                                                               fits=facts.max_seq_len - PREFIX_DECODE_STEPS),
+                                          steps=PREFIX_DECODE_STEPS)
+            failures = [*report.failures, *prefix_failures(recipe.parity, report.lowering, prefix_report)]
+            report = replace(report, prefix=prefix_report, failures=tuple(failures), passed=not failures)
+        candidate = PrefixCachedRunner(candidate, facts.prompt_prefix_ids)  # the task is served as the app would
     if task_sessions is not None:
         with Stage("task", backend.name, timings, progress):
             from exporter.intent.task import run_task, with_task
@@ -210,7 +235,7 @@ def verify(folder: Path, *, model: str | None = None, device: str | Device = "ho
             task_report = run_task(task, task_sessions, loaded, candidate, facts, progress)
             report = with_task(report, task_report, task.agreement_min)
     if host_candidate is not None:
-        candidate.close()
+        device_runner.close()
         target_device.cleanup()
     report = replace(report, timings_s=timings, device_facts=device_facts,
                      compared=replace(report.compared, device=device_facts.name,
@@ -234,7 +259,7 @@ def bench(folder: Path, *, runs: int | None = None, warmup: int | None = None, t
 
 
 def generate(folder: Path, prompt: str, *, max_new_tokens: int = 64) -> str:
-    from exporter.runners import greedy
+    from exporter.runners import PrefixCachedRunner, greedy
 
     artifact = art.read_artifact(folder)
     backend = get_backend(artifact.target)
@@ -246,5 +271,6 @@ def generate(folder: Path, prompt: str, *, max_new_tokens: int = 64) -> str:
     budget = facts.max_seq_len - len(ids)
     if budget <= 0:
         raise UsageError(f"the prompt has {len(ids)} tokens; this artifact holds at most {facts.max_seq_len - 1}")
-    tokens = greedy(backend.load_runner(artifact), ids, min(max_new_tokens, budget), set(facts.eos_ids))
+    runner = PrefixCachedRunner(backend.load_runner(artifact), facts.prompt_prefix_ids)
+    tokens = greedy(runner, ids, min(max_new_tokens, budget), set(facts.eos_ids))
     return decode(tokens)

@@ -44,6 +44,18 @@ class LoweringMetrics:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PrefixParity:
+    """The artifact with its prompt prefix cached (prefilled once, each prompt fed from the
+    position after it) against the same artifact fed each whole prompt, teacher-forced on the
+    whole prompt's greedy tokens; gated like lowering."""
+
+    prefix_tokens: int
+    prompts: int  # behaviour prompts tried
+    served: int  # of them, those that start with the prefix (the others are prefilled whole)
+    metrics: LoweringMetrics
+
+
+@dataclass(frozen=True, kw_only=True)
 class QualityMetrics:
     """Artifact vs the float model: KL(float || artifact), top-1, perplexity on held-out text."""
 
@@ -130,6 +142,7 @@ class ParityReport:
     device_vs_host: LoweringMetrics | None = omitted_when_none()
     device_facts: DeviceInfo | None = omitted_when_none()
     task: TaskReport | None = omitted_when_none()  # with [task] eval (or verify --eval)
+    prefix: PrefixParity | None = omitted_when_none()  # when the artifact records a prompt prefix
 
 
 # -- bench ------------------------------------------------------------------------------------
@@ -159,6 +172,22 @@ class PrefillCase:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PrefixTTFT:
+    """Time to first token on behaviour prompts (the intent eval's), each prompt prefilled whole
+    and from the cached prompt prefix, one after the other; measured through the backend's
+    runner (the runtime's Module / session API with positions, as an app serving requests
+    from a kept prefix calls it), so both figures share one path."""
+
+    prefix_tokens: int
+    prompt_tokens: Spread  # the prompts' token lengths
+    whole_ttft_ms: Spread
+    cached_ttft_ms: Spread
+    ratio: float  # median cached / median whole
+    same_first_token: int  # prompts whose first token is the same on both paths
+    prefix_prefill_ms: float  # the prefix itself, once (an app pays it at start)
+
+
+@dataclass(frozen=True, kw_only=True)
 class BenchReport:
     artifact: str
     device: str
@@ -178,3 +207,4 @@ class BenchReport:
     prefill_tok_s: Spread  # at the longest prompt length
     ttft_ms: Spread
     device_facts: DeviceInfo | None = omitted_when_none()
+    prefix_ttft: PrefixTTFT | None = omitted_when_none()  # when the artifact records a prompt prefix

@@ -87,9 +87,17 @@ class ChunkedRunner(ABC):
             raise ValueError("prefill needs at least one token")
         self._check_room(0, len(tokens))
         self._start_sequence()
+        return self.extend(tokens, 0)
+
+    def extend(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:
+        """Feed ``tokens`` from ``start_pos`` into the sequence already in the cache (positions
+        before it hold its keys, e.g. a cached prompt prefix); the last token's logits."""
+        if not tokens:
+            raise ValueError("extend needs at least one token")
+        self._check_room(start_pos, len(tokens))
         logits = None
         for start in range(0, len(tokens), self.max_prefill_len):
-            logits = self._step(tokens[start : start + self.max_prefill_len], start)
+            logits = self._step(tokens[start : start + self.max_prefill_len], start_pos + start)
         return logits
 
     def _start_sequence(self) -> None:  # noqa: B027 - an optional hook; the default does nothing
@@ -105,6 +113,48 @@ class ChunkedRunner(ABC):
                 f"position {pos} + {count} token(s) exceeds the KV cache of {self.max_seq_len} slots",
                 hint="export with a larger kv_cache.max_seq_len (--set kv_cache.max_seq_len=N)",
             )
+
+
+class PrefixCachedRunner:
+    """A runner whose cache keeps a fixed prompt prefix (the instruction and template before
+    the behaviour lines): the prefix is prefilled once, and a prompt that starts with it is
+    prefilled from the position after it. A static in-place cache needs no copy for this: a
+    request writes only positions after the prefix, and attention reads only the positions
+    before its own. A prompt that does not start with the prefix is prefilled whole (which
+    overwrites the prefix; it is prefilled again when next needed); ``served`` and ``whole``
+    count each kind."""
+
+    def __init__(self, runner: ChunkedRunner, prefix: Sequence[int]) -> None:
+        self.runner = runner
+        self.prefix = tuple(int(t) for t in prefix)
+        self.name = f"{runner.name} (cached prefix of {len(self.prefix)} tokens)"
+        self.max_prefill_len = runner.max_prefill_len
+        self.max_seq_len = runner.max_seq_len
+        self.served = self.whole = 0
+        self._prefix_in_cache = False
+
+    def starts_with_prefix(self, tokens: Sequence[int]) -> bool:
+        n = len(self.prefix)
+        return 0 < n < len(tokens) and tuple(tokens[:n]) == self.prefix
+
+    def prefill_prefix(self) -> np.ndarray:
+        """Put the prefix in the cache (an app does this once, at start)."""
+        logits = self.runner.prefill(list(self.prefix))
+        self._prefix_in_cache = True
+        return logits
+
+    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
+        if not self.starts_with_prefix(tokens):
+            self._prefix_in_cache = False
+            self.whole += 1
+            return self.runner.prefill(tokens)
+        if not self._prefix_in_cache:
+            self.prefill_prefix()
+        self.served += 1
+        return self.runner.extend(tokens[len(self.prefix):], len(self.prefix))
+
+    def decode(self, token: int, pos: int) -> np.ndarray:
+        return self.runner.decode(token, pos)
 
 
 class EagerRunner(ChunkedRunner, SequenceScorer):

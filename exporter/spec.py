@@ -260,6 +260,9 @@ class TaskSpec:
     instruction: str = ""  # the system instruction ("": exporter/intent/prompt.py's)
     budget: int = 192  # prompt tokens at most; the oldest events are dropped first
     agreement_min: float = 0.0  # gate: the artifact's top query equals the float model's, this often
+    # The prompt prefix the artifact keeps in its KV cache, prefilled once (docs/intent.md):
+    # "auto" (the template and instruction before the first behaviour line), "off", or a text.
+    cached_prefix: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("sessions", "candidates", "max_new_tokens", "budget"):
@@ -267,6 +270,8 @@ class TaskSpec:
                 _fail(f"task.{name}", f"must be at least 1, got {getattr(self, name)}")
         if not 0.0 <= self.agreement_min <= 1.0:
             _fail("task.agreement_min", f"must be a fraction between 0 and 1, got {self.agreement_min}")
+        if not self.cached_prefix:
+            _fail("task.cached_prefix", 'give "auto", "off" or the text every prompt starts with')
         if self.template != "chat" and "{behaviours}" not in self.template:
             _fail("task.template", 'give "chat" or a text with {behaviours} (and optionally {prefix})')
 
@@ -278,6 +283,8 @@ class BenchSpec:
     prompt_lengths: tuple[int, ...] = (64, 256)
     decode_tokens: int = 128
     threads: int = 2
+    # TTFT with and without the cached prompt prefix on this many intent eval prompts (0: off).
+    prefix_prompts: int = 16
 
     def __post_init__(self) -> None:
         if self.runs < 1:
@@ -286,6 +293,8 @@ class BenchSpec:
             _fail("bench.warmup", f"must be 0 or more, got {self.warmup}")
         if not self.prompt_lengths or min(self.prompt_lengths) < 1:
             _fail("bench.prompt_lengths", "must list at least one positive length")
+        if self.prefix_prompts < 0:
+            _fail("bench.prefix_prompts", f"must be 0 or more, got {self.prefix_prompts}")
 
 
 @dataclass(frozen=True, kw_only=True)

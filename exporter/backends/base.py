@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from exporter.decoder import DecoderShape
     from exporter.manifest import IOSignature, ModelFacts
     from exporter.quant.tuning import Tunable
-    from exporter.runners import Runner
+    from exporter.runners import ChunkedRunner
     from exporter.spec import ExportRecipe, QuantSpec
 
 Progress = Callable[[str], None]
@@ -178,7 +178,7 @@ class Backend(ABC):
     def runtime_name(self) -> str: ...
 
     @abstractmethod
-    def load_runner(self, artifact: Artifact) -> Runner: ...
+    def load_runner(self, artifact: Artifact) -> ChunkedRunner: ...
 
     @abstractmethod
     def shipped_tokenizer(self, artifact: Artifact) -> Codec:

@@ -10,11 +10,16 @@ budget (the newest is always kept).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 ACTION_TAGS = {"search": "搜索", "click": "点击", "cart": "加购", "buy": "购买", "favorite": "收藏"}
 INSTRUCTION = "你是购物助手。根据用户最近的行为，预测用户接下来会搜索的内容，只输出搜索词。"
 CHAT = "chat"  # the tokenizer's own chat template
+AUTO_PREFIX = "auto"  # the cached prefix: what every prompt of the format starts with
+NO_PREFIX = "off"
+# Two behaviour histories that differ from their first character on (and one with a typed
+# prefix): the ids their prompts share are the fixed part of the format.
+_PROBES = ((["[搜索] 手机壳"], ""), (["[点击] Nike 跑步鞋 男 (3分钟前)", "[购买] 蓝牙耳机"], "跑"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -22,6 +27,11 @@ class PromptFormat:
     template: str = CHAT  # "chat", or a text with {behaviours} (and optionally {prefix})
     instruction: str = INSTRUCTION
     budget: int = 192  # prompt tokens at most (the shipped intent adapter was trained at 192)
+
+    @classmethod
+    def of(cls, task) -> PromptFormat:
+        """The format a recipe's [task] section (spec.TaskSpec) names."""
+        return cls(template=task.template, instruction=task.instruction or INSTRUCTION, budget=task.budget)
 
 
 def encoder(tokenizer) -> Callable[[str], list[int]]:
@@ -73,3 +83,46 @@ def build_prompt(session: dict, fmt: PromptFormat, *, encode: Callable[[str], li
         else:
             high = middle - 1
     return text_of(low), low
+
+
+def fixed_prefix_ids(setting: str, fmt: PromptFormat, *, encode: Callable[[str], list[int]],
+                     apply_chat_template: Callable | None) -> list[int]:
+    """The prompt prefix an artifact keeps in its KV cache (recipe ``task.cached_prefix``):
+    "auto", the ids every prompt of ``fmt`` starts with (the template and instruction before
+    the first behaviour line, as tokenized inside a whole prompt, so a token that would merge
+    across the boundary is left out); "off", none; any other text, that text's ids."""
+    if setting == NO_PREFIX:
+        return []
+    if setting != AUTO_PREFIX:
+        return encode(setting)
+    if fmt.template == CHAT and apply_chat_template is None:
+        return []
+    first, *others = [encode(render(lines, typed, fmt, apply_chat_template)) for lines, typed in _PROBES]
+    length = len(first)
+    for ids in others:
+        length = next((i for i, (a, b) in enumerate(zip(first, ids, strict=False)) if a != b),
+                      min(length, len(ids)))
+    return first[:length]
+
+
+def chat_template_of(tokenizer) -> Callable | None:
+    """A transformers tokenizer's apply_chat_template, or None when it has no template."""
+    return tokenizer.apply_chat_template if getattr(tokenizer, "chat_template", None) else None
+
+
+def cached_prefix_ids(task, tokenizer) -> list[int]:
+    """``fixed_prefix_ids`` for a recipe's [task] section and a transformers tokenizer."""
+    return fixed_prefix_ids(task.cached_prefix, PromptFormat.of(task), encode=encoder(tokenizer),
+                            apply_chat_template=chat_template_of(tokenizer))
+
+
+def behaviour_prompt_ids(sessions: Sequence[dict], task, tokenizer, *, fits: int | None = None) -> list[list[int]]:
+    """The prompt ids of each session in the format a recipe's [task] section names; ``fits``:
+    at most this many tokens (an artifact's cache), whatever the format's budget (a session
+    whose newest event alone is longer is left out)."""
+    fmt, encode, template = PromptFormat.of(task), encoder(tokenizer), chat_template_of(tokenizer)
+    if fits is not None and fits < fmt.budget:
+        fmt = replace(fmt, budget=fits)
+    prompts = [encode(build_prompt(session, fmt, encode=encode, apply_chat_template=template)[0])
+               for session in sessions]
+    return [p for p in prompts if fits is None or len(p) <= fits]

@@ -130,13 +130,13 @@ def run_task(task, sessions, loaded, candidate, facts, progress) -> TaskReport:
     (the artifact's runner, one candidate after another: its cache has one row). The float
     side's candidates are kept per checkpoint (intent/reference_cache.py): verifying a second
     artifact of the same checkpoint decodes only the artifact's side."""
-    from exporter.intent.prompt import INSTRUCTION, PromptFormat, encoder
+    from exporter.intent.prompt import PromptFormat, encoder
     from exporter.intent.reference_cache import CachedCandidates, reference_key
     from exporter.intent.score import stop_ids_of
     from exporter.load import default_cache_dir
 
     tokenizer = loaded.tokenizer
-    fmt = PromptFormat(template=task.template, instruction=task.instruction or INSTRUCTION, budget=task.budget)
+    fmt = PromptFormat.of(task)
     stop_ids = stop_ids_of(tokenizer) | set(facts.eos_ids)
     float_side = CachedCandidates.open(
         lambda ids, **kw: batched_candidates(loaded.model, ids, **kw), default_cache_dir(),

@@ -94,6 +94,7 @@ def package_metadata(model: ModelFacts, recipe, written: int) -> dict[str, str]:
         "recgpt.compressed_weights": str(written),
         "recgpt.compute_units": options.compute_units,
         "recgpt.deployment_target": options.deployment_target,
+        "recgpt.prompt_prefix_ids": ",".join(str(t) for t in model.prompt_prefix_ids),
     }
 
 

@@ -47,6 +47,8 @@ def constant_methods(model: ModelFacts, recipe) -> dict:
         "use_kv_cache": True,
         "enable_dynamic_shape": True,
         "use_sdpa_with_kv_cache": recipe.kv_cache.attention == "custom_sdpa",
+        # Ours: the prompt prefix an app prefills once and keeps in the cache (docs/intent.md).
+        **({"get_prompt_prefix": list(model.prompt_prefix_ids)} if model.prompt_prefix_ids else {}),
     }
 
 

@@ -113,6 +113,8 @@ class OnnxBackend(Backend):
         graph, facts = build_graph(lm, quantized.stored, opset=options.opset,
                                    fuse_projections=options.fuse_projections)
         timings["graph_s"] = time.perf_counter() - t0
+        # The prompt prefix an app keeps in the cache, readable from the session's model metadata.
+        onnx.helper.set_model_props(graph, {"recgpt.prompt_prefix_ids": ",".join(map(str, model.prompt_prefix_ids))})
         t0 = time.perf_counter()
         on_stage("save model.onnx + model.onnx.data")
         onnx.save_model(graph, str(out_dir / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
