@@ -83,9 +83,15 @@ def run_bench(artifact, backend, spec, device: Device, *, progress=lambda s: Non
 def _prefix_report(raw: dict | None) -> PrefixTTFT | None:
     if not raw or not raw["whole_ms"]:
         return None
+    import statistics
+
     whole, cached = Spread.of(raw["whole_ms"]), Spread.of(raw["cached_ms"])
+    # Paired: each prompt's two paths ran back to back, so a machine that slows down mid-run
+    # (seen here: the same prompts 230 ms, then 120 ms) moves both alike.
+    ratio = statistics.median(c / w for c, w in zip(raw["cached_ms"], raw["whole_ms"], strict=True))
+    suffix = statistics.median((n - raw["prefix_tokens"]) / n for n in raw["prompt_tokens"])
     return PrefixTTFT(prefix_tokens=raw["prefix_tokens"], prompt_tokens=Spread.of(raw["prompt_tokens"]),
-                      whole_ttft_ms=whole, cached_ttft_ms=cached, ratio=cached.median / whole.median,
+                      whole_ttft_ms=whole, cached_ttft_ms=cached, ratio=ratio, suffix_share=suffix,
                       same_first_token=raw["same_first_token"], prefix_prefill_ms=raw["prefix_prefill_ms"])
 
 

@@ -261,7 +261,8 @@ def bench(
         row("ttft_ms, cached prefix", prefix.cached_ttft_ms)
     out_console.print(table)
     if prefix is not None:
-        out_console.print(f"cached prefix: TTFT x{prefix.ratio:.2f} of the whole prompt's (medians); same first token "
+        out_console.print(f"cached prefix: TTFT x{prefix.ratio:.2f} of the whole prompt's (median of per-prompt "
+                          f"ratios; the tokens left to prefill are x{prefix.suffix_share:.2f}); same first token "
                           f"on {prefix.same_first_token}/{prefix.whole_ttft_ms.runs} prompts; the prefix itself "
                           f"prefills once in {prefix.prefix_prefill_ms:.0f} ms")
     out_console.print(f"decode CPU {report.decode_cpu_s.median:.2f} s over {report.decode_wall_s.median:.2f} s wall "

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from exporter.errors import UnsupportedError
-from exporter.kv_cache import CachedAttention, StaticKVCache
+from exporter.kv_cache import CachedAttention, Int8KVCache, StaticKVCache
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,7 +87,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, shape: DecoderShape, max_seq_len: int, *, attention: str, cache_update: str) -> None:
+    def __init__(self, shape: DecoderShape, max_seq_len: int, *, attention: str, cache_update: str,
+                 cache_dtype: str = "float32") -> None:
         super().__init__()
         s = shape
         self.n_heads, self.n_kv_heads, self.head_dim = s.n_heads, s.n_kv_heads, s.head_dim
@@ -99,7 +100,8 @@ class SelfAttention(nn.Module):
             self.q_norm = RMSNorm(s.head_dim, s.rms_norm_eps)
             self.k_norm = RMSNorm(s.head_dim, s.rms_norm_eps)
         self.qk_norm = s.qk_norm
-        self.kv_cache = StaticKVCache(max_seq_len, s.n_kv_heads, s.head_dim, cache_update=cache_update)
+        self.kv_cache = (Int8KVCache(max_seq_len, s.n_kv_heads, s.head_dim) if cache_dtype == "int8" else
+                         StaticKVCache(max_seq_len, s.n_kv_heads, s.head_dim, cache_update=cache_update))
         self.attn = CachedAttention(max_seq_len, s.n_heads, s.n_kv_heads, s.head_dim, attention=attention)
         self.qkv_proj = None  # set by fuse_projections
 
@@ -117,7 +119,8 @@ class SelfAttention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         k_cache, v_cache = self.kv_cache.update(start_pos, k, v)
-        return self.o_proj(self.attn(q, k_cache, v_cache, start_pos))
+        quantized = self.kv_cache if isinstance(self.kv_cache, Int8KVCache) else None
+        return self.o_proj(self.attn(q, k_cache, v_cache, start_pos, quantized))
 
 
 class MLP(nn.Module):
@@ -159,12 +162,13 @@ class DecoderBody(nn.Module):
 
 class StaticCacheLM(nn.Module):
     def __init__(self, shape: DecoderShape, *, max_seq_len: int, max_prefill_len: int,
-                 attention: str = "custom_sdpa", cache_update: str = "custom") -> None:
+                 attention: str = "custom_sdpa", cache_update: str = "custom", cache_dtype: str = "float32") -> None:
         super().__init__()
         self.shape = shape
         self.max_seq_len = max_seq_len
         self.max_prefill_len = max_prefill_len
-        self.model = DecoderBody(shape, max_seq_len, attention=attention, cache_update=cache_update)
+        self.model = DecoderBody(shape, max_seq_len, attention=attention, cache_update=cache_update,
+                                 cache_dtype=cache_dtype)
         self.lm_head = nn.Linear(shape.hidden_size, shape.vocab_size, bias=False)
         self.register_buffer("rope_cos", torch.zeros(max_seq_len, 1, shape.head_dim), persistent=False)
         self.register_buffer("rope_sin", torch.zeros(max_seq_len, 1, shape.head_dim), persistent=False)
@@ -179,7 +183,7 @@ class StaticCacheLM(nn.Module):
         """Zero every layer's KV cache and refill the aten-SDPA causal mask, in place."""
         with torch.no_grad():
             for module in self.modules():
-                if isinstance(module, (StaticKVCache, CachedAttention)):
+                if isinstance(module, (StaticKVCache, Int8KVCache, CachedAttention)):
                     module.reset_buffers()
 
     def rope_from_positions(self) -> bool:
@@ -298,7 +302,8 @@ def fuse_projections(lm: StaticCacheLM, can_fuse: Callable[[list[str]], bool]) -
 
 
 def build_decoder(hf_model, *, max_seq_len: int, max_prefill_len: int,
-                  attention: str = "custom_sdpa", cache_update: str = "custom") -> StaticCacheLM:
+                  attention: str = "custom_sdpa", cache_update: str = "custom",
+                  cache_dtype: str = "float32") -> StaticCacheLM:
     """Copy a transformers Llama/Qwen2/Qwen3 model's weights into a StaticCacheLM (float32, eval)."""
     config = hf_model.config
     shape = DecoderShape.from_config(config)
@@ -306,7 +311,7 @@ def build_decoder(hf_model, *, max_seq_len: int, max_prefill_len: int,
     # second full copy of the weights. Buffers are then filled explicitly.
     with torch.device("meta"):
         lm = StaticCacheLM(shape, max_seq_len=max_seq_len, max_prefill_len=max_prefill_len,
-                           attention=attention, cache_update=cache_update)
+                           attention=attention, cache_update=cache_update, cache_dtype=cache_dtype)
     source = dict(hf_model.state_dict())
     if "lm_head.weight" not in source:  # tied and not serialised twice
         source["lm_head.weight"] = source["model.embed_tokens.weight"]

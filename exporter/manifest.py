@@ -72,17 +72,22 @@ class KVCacheShape:
     kv_heads: int
     head_dim: int
     dtype: str = "float32"
+    # int8: "per_token" (a float32 scale and an int8 zero point stored with each position and
+    # head) or "static" (fixed per-channel scales, constants of the program).
+    scales: str = ""
 
     @classmethod
-    def of(cls, lm, dtype: str = "float32") -> KVCacheShape:
+    def of(cls, lm, dtype: str = "float32", scales: str = "") -> KVCacheShape:
         s = lm.shape
         return cls(layers=s.n_layers, max_seq_len=lm.max_seq_len, kv_heads=s.n_kv_heads, head_dim=s.head_dim,
-                   dtype=dtype)
+                   dtype=dtype, scales=scales)
 
     def bytes_at(self, positions: int) -> int:
-        """Bytes of cache that hold ``positions`` positions."""
-        width = {"float32": 4, "float16": 2}[self.dtype]
-        return self.layers * self.kinds * self.batch * positions * self.kv_heads * self.head_dim * width
+        """Bytes of cache that hold ``positions`` positions (int8 with per-token scales: the
+        codes, and a float32 scale and an int8 zero point per position and head)."""
+        width = {"float32": 4, "float16": 2, "int8": 1}[self.dtype]
+        row = width * self.head_dim + (5 if self.scales == "per_token" else 0)
+        return self.layers * self.kinds * self.batch * positions * self.kv_heads * row
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from exporter import artifact as art
 from exporter.backends import get_backend
-from exporter.backends.base import check_recipe
+from exporter.backends.base import STATIC_SCALES, check_recipe
 from exporter.devices import Device, get_device
 from exporter.errors import ArtifactError, RecgptError, StageError, UsageError
 from exporter.manifest import MANIFEST_VERSION, ArtifactManifest, ModelFacts, TargetFacts
@@ -201,6 +201,9 @@ def verify(folder: Path, *, model: str | None = None, device: str | Device = "ho
             # scales again would be wasted work (and need not give the same near-ties).
             reference_recipe = replace(recipe, quant=replace(recipe.quant, scale_search=ScaleSearchSpec(),
                                                              tuning=TuningSpec()))
+            if backend.capabilities.int8_kv_cache == STATIC_SCALES:
+                # So would calibrating a static int8 cache's scales: they are adopted too.
+                reference_recipe = replace(reference_recipe, kv_cache=replace(recipe.kv_cache, dtype="float32"))
         lm, quantized = build_quantized(loaded, reference_recipe, backend)
         backend.prepare_reference(lm, quantized, artifact)
     with Stage("tokenizer", backend.name, timings, progress):

@@ -182,7 +182,8 @@ class PrefixTTFT:
     prompt_tokens: Spread  # the prompts' token lengths
     whole_ttft_ms: Spread
     cached_ttft_ms: Spread
-    ratio: float  # median cached / median whole
+    ratio: float  # the median over prompts of cached / whole TTFT (each pair measured back to back)
+    suffix_share: float  # the median over prompts of the tokens after the prefix / all: the ratio's floor
     same_first_token: int  # prompts whose first token is the same on both paths
     prefix_prefill_ms: float  # the prefix itself, once (an app pays it at start)
 

@@ -42,6 +42,9 @@ class KVCacheSpec:
     # (in-place write). "sdpa"/"index_copy" are the portable fallbacks kept for comparison.
     attention: str = "custom_sdpa"
     cache_update: str = "custom"
+    # "int8": codes with a scale and zero point per position and head (executorch only, with
+    # custom_sdpa / custom: llama::custom_quantized_sdpa reads it); docs/recipes.md.
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.max_seq_len < 2:
@@ -56,6 +59,11 @@ class KVCacheSpec:
             _fail("kv_cache.attention", f"{self.attention!r} is not one of 'custom_sdpa', 'sdpa'")
         if self.cache_update not in ("custom", "index_copy"):
             _fail("kv_cache.cache_update", f"{self.cache_update!r} is not one of 'custom', 'index_copy'")
+        if self.dtype not in ("float32", "int8"):
+            _fail("kv_cache.dtype", f"{self.dtype!r} is not one of 'float32', 'int8'")
+        if self.dtype == "int8" and (self.attention, self.cache_update) != ("custom_sdpa", "custom"):
+            _fail("kv_cache.dtype", 'an int8 cache is read by the quantized custom SDPA: use attention = '
+                                    '"custom_sdpa" with cache_update = "custom"')
 
 
 @dataclass(frozen=True, kw_only=True)

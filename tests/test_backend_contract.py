@@ -72,6 +72,7 @@ def test_refusals_follow_the_declared_capabilities(target):
         "scale_search": {"quant": {"scale_search": {"method": "activation"}}},
         "tuning": {"quant": {"tuning": {"steps": 1}}},
         "lm_head_split": {"quant": {"lm_head_split": 8}},
+        "int8_kv_cache": {"kv_cache": {"dtype": "int8"}},
     }
     for capability, table in features.items():
         recipe = recipe_from_dict({"name": "x", "target": {"name": target}, **table})
@@ -79,7 +80,8 @@ def test_refusals_follow_the_declared_capabilities(target):
             check_recipe(recipe)
             assert target in targets_with(capability)
         else:
-            with pytest.raises(UnsupportedError, match=rf"^quant\.\w+: .+ is not supported by the {target} target"):
+            with pytest.raises(UnsupportedError, match=rf"^(quant|kv_cache)\.\w+: .+ is not supported by the {target} "
+                                                       "target"):
                 check_recipe(recipe)
             assert target not in targets_with(capability)
 

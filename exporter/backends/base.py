@@ -45,6 +45,7 @@ Codec = tuple[Callable[[str], list[int]], Callable[[Any], str]]  # (encode, deco
 
 # The KV-cache implementations a recipe can ask for (kv_cache.attention, kv_cache.cache_update).
 FUSED_IN_PLACE = ("custom_sdpa", "custom")
+PER_TOKEN_SCALES, STATIC_SCALES = "per_token", "static"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +62,9 @@ class Capabilities:
     lm_head_split: bool = False
     asymmetric: frozenset[str] = frozenset()  # schemes that may carry zero points / offsets
     kv_caches: frozenset[tuple[str, str]] = frozenset({FUSED_IN_PLACE})  # (attention, cache_update) it runs
+    # kv_cache.dtype = "int8": how the target's int8 cache is scaled ("" refuses it): PER_TOKEN_SCALES
+    # (a scale and zero point written with each position) or STATIC_SCALES (calibrated at export).
+    int8_kv_cache: str = ""
     # verify can give the reference the artifact's own stored weights instead of rebuilding them
     adopts_artifact_weights: bool = False
     # the storage format has a partial last group (a width the group size does not divide)
@@ -221,6 +225,9 @@ def check_declared(backend: type[Backend], recipe: ExportRecipe, targets_with: C
     if kv not in caps.kv_caches:
         runs = " or ".join(f"attention = {a!r} with cache_update = {u!r}" for a, u in sorted(caps.kv_caches))
         raise refusal("kv_cache", f"attention = {kv[0]!r} with cache_update = {kv[1]!r}", name, f"use {runs}")
+    if recipe.kv_cache.dtype == "int8" and not caps.int8_kv_cache:
+        raise refusal("kv_cache.dtype", "an int8 KV cache", name, 'remove kv_cache.dtype (float32)',
+                      targets_with("int8_kv_cache"))
     for i, rule in enumerate(quant.rules):
         kinds = [k for k in SCHEMES[rule.scheme].kinds if rule.kind in ("any", k)]
         for kind in kinds:

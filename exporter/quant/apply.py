@@ -51,15 +51,20 @@ def resolve_indivisible(quant: QuantSpec, backend: Quantizer) -> QuantSpec:
 
 def float_decoder(hf_model, recipe: ExportRecipe, backend: Quantizer):
     """The float StaticCacheLM with the recipe's cache and the backend's eager attention."""
+    from exporter.backends.base import PER_TOKEN_SCALES
     from exporter.decoder import build_decoder
     from exporter.kv_cache import load_custom_ops
 
     attention, cache_update = backend.eager_attention(recipe)
     if attention == "custom_sdpa" or cache_update == "custom":
         load_custom_ops()
+    # An int8 cache with per-token scales is its own module (kv_cache.Int8KVCache); one with
+    # static scales is the float cache rounding what it writes, once they are calibrated.
+    per_token = recipe.kv_cache.dtype == "int8" and backend.capabilities.int8_kv_cache == PER_TOKEN_SCALES
     return build_decoder(hf_model, max_seq_len=recipe.kv_cache.max_seq_len,
                          max_prefill_len=recipe.kv_cache.max_prefill_len,
-                         attention=attention, cache_update=cache_update)
+                         attention=attention, cache_update=cache_update,
+                         cache_dtype="int8" if per_token else "float32")
 
 
 def build_quantized(loaded, recipe: ExportRecipe, backend: Quantizer):
@@ -71,7 +76,10 @@ def build_quantized(loaded, recipe: ExportRecipe, backend: Quantizer):
 
 def quantize_decoder(lm, tokenizer, recipe: ExportRecipe, backend: Quantizer,
                      progress: Progress = _quiet) -> Quantized:
-    """Smooth, split the lm_head, quantize and tune ``lm`` in place."""
+    """Smooth, split the lm_head, quantize and tune ``lm`` in place (and calibrate a static
+    int8 KV cache's scales)."""
+    from exporter.backends.base import STATIC_SCALES
+
     quant = resolve_indivisible(recipe.quant, backend)
     tuning = quant.tuning
     if tuning.steps:
@@ -108,4 +116,12 @@ def quantize_decoder(lm, tokenizer, recipe: ExportRecipe, backend: Quantizer,
 
         summary.tuning = tune(lm, backend.tunables(lm, quantized), tuning_samples, tuning_targets, tuning,
                               on_step=progress)
+    if recipe.kv_cache.dtype == "int8" and backend.capabilities.int8_kv_cache == STATIC_SCALES:
+        from exporter.prompts import CALIBRATION_TEXTS
+        from exporter.quant.calibration import calibration_samples
+        from exporter.quant.kv_scales import calibrate_kv_scales, set_kv_scales
+
+        # Last: the ranges of what the stored, tuned model writes into its cache.
+        progress("int8 KV cache: calibrating each layer's key and value scales")
+        set_kv_scales(lm, calibrate_kv_scales(lm, calibration_samples(lm, tokenizer, CALIBRATION_TEXTS)))
     return quantized

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from exporter.backends.base import (
     FUSED_IN_PLACE,
+    PER_TOKEN_SCALES,
     Backend,
     Capabilities,
     LoweredProgram,
@@ -17,7 +18,7 @@ from exporter.backends.executorch.native import build as native_build
 from exporter.backends.executorch.options import ExecuTorchOptions
 from exporter.backends.executorch.runtime import EXTRA
 from exporter.errors import UnsupportedError
-from exporter.manifest import ModelFacts, decoder_signature
+from exporter.manifest import KVCacheShape, ModelFacts, decoder_signature
 
 _LINEAR = {
     "float": Storage("float32 (XNNPACK)"),
@@ -48,7 +49,7 @@ class ExecuTorchBackend(Backend):
         scale_search=True, lm_head_split=True,
         # XNNPACK has no zero points; int4 linears carry theirs as offsets (quantizer.GroupOffsetLinear).
         asymmetric=frozenset({"int8_dynact_int4_weight"}),
-        kv_caches=frozenset({FUSED_IN_PLACE, ("sdpa", "custom")}),
+        kv_caches=frozenset({FUSED_IN_PLACE, ("sdpa", "custom")}), int8_kv_cache=PER_TOKEN_SCALES,
         # a partial last group as a Linear over zero-padded inputs (quantizer.PaddedInputLinear)
         partial_groups=True,
     )
@@ -91,7 +92,11 @@ class ExecuTorchBackend(Backend):
         constants = constant_methods(model, recipe)
         timings = lower_to_pte(lm, constants=constants, out_dir=out_dir, on_stage=on_stage)
         return LoweredProgram(roles={"program": PROGRAM_FILE}, timings_s=timings,
-                              io_signature=decoder_signature(lm, position_dtype="int64"),
+                              io_signature=decoder_signature(
+                                  lm, position_dtype="int64",
+                                  kv_cache=KVCacheShape.of(
+                                      lm, dtype=recipe.kv_cache.dtype,
+                                      scales=PER_TOKEN_SCALES if recipe.kv_cache.dtype == "int8" else "")),
                               target_info={"constant_methods": constants})
 
     def prepare_reference(self, lm, quantized, artifact) -> None:

@@ -103,3 +103,26 @@ def lower_to_pte(lm, *, constants: dict, out_dir: Path, on_stage: Callable[[str]
         program.write_to_file(fh)
     timings["emit_s"] = time.perf_counter() - t0
     return timings
+
+
+# Bytes per element of the ExecuTorch ScalarTypes a program's planned tensors use here.
+_ELEMENT_BYTES = {0: 1, 1: 1, 2: 2, 3: 4, 4: 8, 5: 2, 6: 4, 7: 8, 11: 1, 15: 2}
+
+
+def memory_plan(pte: Path, max_seq_len: int) -> dict[str, int]:
+    """What the program's forward method plans, read from the .pte: ``planned_bytes`` (every
+    memory-planned buffer: activations and the mutable KV cache, allocated once at load) and
+    ``cache_bytes`` (the planned tensors of shape [1, max_seq_len, heads, d]: the caches with
+    their scales and zero points)."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    program = deserialize_pte_binary(pte.read_bytes())
+    program = getattr(program, "program", program)  # newer releases wrap it
+    plan = next(p for p in program.execution_plan if p.name == "forward")
+    cache = 0
+    for value in plan.values:
+        tensor = value.val
+        sizes = list(getattr(tensor, "sizes", []) or [])
+        if getattr(tensor, "allocation_info", None) is not None and len(sizes) == 4 and sizes[1] == max_seq_len:
+            cache += _ELEMENT_BYTES[int(tensor.scalar_type)] * sizes[0] * sizes[1] * sizes[2] * sizes[3]
+    return {"planned_bytes": int(sum(plan.non_const_buffer_sizes)), "cache_bytes": cache}

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from exporter.backends.base import (
     FUSED_IN_PLACE,
+    STATIC_SCALES,
     Backend,
     Capabilities,
     LoweredProgram,
@@ -57,7 +58,7 @@ class OnnxBackend(Backend):
         scale_search=True, tuning=True,
         asymmetric=frozenset(s for s in _LINEAR if s != "float"),  # a zero point per block
         # The graph always uses GroupQueryAttention over an in-place cache.
-        kv_caches=frozenset({FUSED_IN_PLACE}),
+        kv_caches=frozenset({FUSED_IN_PLACE}), int8_kv_cache=STATIC_SCALES,
         adopts_artifact_weights=True,
         partial_groups=True,  # MatMulNBits / GatherBlockQuantized take K that blocks do not divide
     )
@@ -81,7 +82,7 @@ class OnnxBackend(Backend):
     def check_shape(self, shape, recipe) -> None:
         from exporter.backends.onnx.limits import check_attention
 
-        check_attention(shape, recipe.target.options.opset)
+        check_attention(shape, recipe.target.options.opset, int8_cache=recipe.kv_cache.dtype == "int8")
 
     def eager_attention(self, recipe) -> tuple[str, str]:
         # The graph's attention is GroupQueryAttention; the reference only needs the same math.
@@ -155,21 +156,25 @@ class OnnxBackend(Backend):
 
 
 def io_signature(lm) -> IOSignature:
+    from exporter.backends.onnx.graph import static_kv_scales
+
     s = lm.shape
     cache = ["batch", s.n_kv_heads, f"buffer<= {lm.max_seq_len}", s.head_dim]
+    dtype = "int8" if static_kv_scales(lm) else "float32"
+    scaled = " (codes; the fixed per-channel scales are in the graph)" if dtype == "int8" else ""
     return IOSignature(
         inputs=(
             {"name": "input_ids", "dtype": "int64", "shape": ["batch", f"seq_len<= {lm.max_prefill_len} per call"]},
             {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "past + seq_len"]},
-            {"name": "past_key_values.N.key / .value", "dtype": "float32", "shape": cache,
-             "meaning": "BNSH cache; bind the same buffer as present.N.* to update it in place"},
+            {"name": "past_key_values.N.key / .value", "dtype": dtype, "shape": cache,
+             "meaning": "BNSH cache; bind the same buffer as present.N.* to update it in place" + scaled},
         ),
         outputs=(
             {"name": "logits", "dtype": "float32", "shape": ["batch", 1, s.vocab_size], "meaning": "last token"},
-            {"name": "present.N.key / .value", "dtype": "float32", "shape": cache},
+            {"name": "present.N.key / .value", "dtype": dtype, "shape": cache},
         ),
-        kv_cache=KVCacheShape.of(lm),
-        state_layout="past_key_values.N.key / .value: float32 [batch, kv_heads, max_seq_len, head_dim] (BNSH)",
+        kv_cache=KVCacheShape.of(lm, dtype=dtype, scales=STATIC_SCALES if dtype == "int8" else ""),
+        state_layout=f"past_key_values.N.key / .value: {dtype} [batch, kv_heads, max_seq_len, head_dim] (BNSH)",
     )
 
 

@@ -139,6 +139,13 @@ def attention_attributes(s) -> dict:
                 do_rotary=1, rotary_interleaved=0, local_window_size=-1)
 
 
+def static_kv_scales(lm) -> list | None:
+    """Each layer's (key, value) int8 cache scales [kv_heads, head_dim], when the decoder's
+    cache has them (quant/kv_scales.py), else None."""
+    scales = [layer.self_attn.kv_cache.static_scales for layer in lm.model.layers]
+    return scales if all(pair is not None for pair in scales) else None
+
+
 def build_graph(lm, stored: dict | None = None, *, opset: int, fuse_projections: bool = True):
     """The ONNX ModelProto of a StaticCacheLM and facts about it for the manifest.
     ``stored``: module -> StoredWeight, as the onnx quantizer stored it (float without).
@@ -152,11 +159,13 @@ def build_graph(lm, stored: dict | None = None, *, opset: int, fuse_projections:
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [batch, seq]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [batch, total])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 1, s.vocab_size])]
+    kv_scales = static_kv_scales(lm)
+    cache_type = TensorProto.INT8 if kv_scales else TensorProto.FLOAT
     for i in range(s.n_layers):
         for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT,
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", cache_type,
                                                         [batch, s.n_kv_heads, past, s.head_dim]))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT,
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", cache_type,
                                                          [batch, s.n_kv_heads, total, s.head_dim]))
 
     # GroupQueryAttention takes the index of the last valid position per sequence and the total length.
@@ -188,10 +197,19 @@ def build_graph(lm, stored: dict | None = None, *, opset: int, fuse_projections:
             if s.qk_norm:
                 q = _head_norm(g, q, attn.q_norm, f"{prefix}.self_attn.q_norm", eps)
                 k = _head_norm(g, k, attn.k_norm, f"{prefix}.self_attn.k_norm", eps)
+        attention_inputs = [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k,
+                            total_len_scalar, cos, sin]
+        int8_cache = {}
+        if kv_scales:
+            # position_ids, attention_bias and head_sink omitted; then the cache's fixed scales.
+            attention_inputs += ["", "", "", *(g.initializer(f"{prefix}.self_attn.{kind}_cache_scale",
+                                                              scale.float().numpy()[:, None, :])
+                                               for kind, scale in zip("kv", kv_scales[i], strict=True))]
+            int8_cache = dict(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
         attn_out, _, _ = g.node(
-            "GroupQueryAttention",
-            [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len_scalar, cos, sin],
+            "GroupQueryAttention", attention_inputs,
             f"/{prefix}/self_attn/GroupQueryAttention", n_out=3, domain=MS_DOMAIN, **attention_attributes(s),
+            **int8_cache,
         )
         g.nodes[-1].output[1:] = [f"present.{i}.key", f"present.{i}.value"]
         o = project(g, attn_out, f"{prefix}.self_attn.o_proj", attn.o_proj)

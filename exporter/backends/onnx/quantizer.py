@@ -153,3 +153,11 @@ def adopt_artifact_weights(lm: nn.Module, quantized: Quantized, artifact) -> Non
     for name, module in lm.named_modules():
         if isinstance(module, RMSNorm) and f"{name}.weight" in arrays:
             module.weight = nn.Parameter(torch.from_numpy(arrays[f"{name}.weight"].copy()), requires_grad=False)
+    # And an int8 cache's fixed scales: calibrated on the artifact's weights at export.
+    if "model.layers.0.self_attn.k_cache_scale" in arrays:
+        from exporter.quant.kv_scales import set_kv_scales
+
+        def scale(i: int, kind: str) -> torch.Tensor:
+            return torch.from_numpy(arrays[f"model.layers.{i}.self_attn.{kind}_cache_scale"][:, 0, :].copy())
+
+        set_kv_scales(lm, [(scale(i, "k"), scale(i, "v")) for i in range(len(lm.model.layers))])

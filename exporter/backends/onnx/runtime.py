@@ -62,7 +62,7 @@ class OrtRunner(ChunkedRunner):
         for i in range(cache.layers):
             for kind in ("key", "value"):
                 buffer = runtime.OrtValue.ortvalue_from_numpy(
-                    np.zeros((cache.batch, cache.kv_heads, cache.max_seq_len, cache.head_dim), dtype=np.float32))
+                    np.zeros((cache.batch, cache.kv_heads, cache.max_seq_len, cache.head_dim), dtype=cache.dtype))
                 self.cache.append(buffer)
                 self.binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", buffer)
                 self.binding.bind_ortvalue_output(f"present.{i}.{kind}", buffer)

@@ -72,7 +72,8 @@ class Runner:
         for i in range(cache["layers"]):
             for kind in ("key", "value"):
                 buffer = ort.OrtValue.ortvalue_from_numpy(np.zeros(
-                    (cache["batch"], cache["kv_heads"], cache["max_seq_len"], cache["head_dim"]), dtype=np.float32))
+                    (cache["batch"], cache["kv_heads"], cache["max_seq_len"], cache["head_dim"]),
+                    dtype=cache.get("dtype", "float32")))
                 self.cache.append(buffer)  # bound as past and present: the graph updates it in place
                 self.binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", buffer)
                 self.binding.bind_ortvalue_output(f"present.{i}.{kind}", buffer)
