@@ -359,7 +359,8 @@ def device_setup(
                       "~/.cache/recgpt-export/devices); later commands read $RECGPT_DEVICES_DIR.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even when it is up to date.")] = False,
     cpu: Annotated[str, typer.Option(help="arm64-emu: the qemu CPU model runs emulate (max, or a phone core "
-                                          "such as cortex-a76: its features pick the kernels).")] = "max",
+                                          "such as cortex-a76: its features pick the kernels), optionally "
+                                          "with qemu's feature switches (max,sme=off).")] = "max",
     runners: Annotated[Path | None, typer.Option(
         "--runners", help="adb: a folder of runners built for Android with the NDK, as <target>/<runner>.")] = None,
 ) -> None:

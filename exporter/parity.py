@@ -178,6 +178,9 @@ def prefix_parity(runner: ChunkedRunner, prefix: Sequence[int], prompts: Sequenc
 
 def prefix_failures(spec: ParitySpec, lowering: LoweringMetrics, prefix: PrefixParity) -> list[str]:
     """The lowering gates (with the noise floor ``lowering`` measured) on the prefix path."""
+    if prefix.prompts == 0:
+        return ["prefix: no behaviour prompt fits the artifact's KV cache, so the prompt prefix was not checked; "
+                "lower task.budget or export with a larger kv_cache.max_seq_len"]
     max_abs, cos_min, top1_min, floor_note = lowering_limits(spec, lowering)
     m = prefix.metrics
     checks = [

@@ -174,3 +174,15 @@ def test_emulator_setup_without_its_tools_names_them_and_builds_nothing(tmp_path
     assert code == 0 and "arm64-emu was not set up" in out
     code, out, _ = cli("device", "list")
     assert code == 0 and "not set up" in out
+
+
+def test_emulator_cpu_models_take_qemu_feature_switches():
+    from exporter.devices.arm64_emu import check_cpu
+    from exporter.errors import UsageError
+
+    for cpu in ("max", "max,sme=off", "max,sve=off,sme=off", "cortex-a76"):
+        check_cpu(cpu)
+    for cpu, message in (("cortex-x9", "unknown CPU model"), ("max,sme", "is not NAME=on or NAME=off"),
+                         ("max,sme=maybe", "is not NAME=on or NAME=off"), ("max,s;rm=off", "NAME=on")):
+        with pytest.raises(UsageError, match=message):
+            check_cpu(cpu)

@@ -148,3 +148,17 @@ def test_an_artifact_with_the_prefix_off_records_none(tiny_checkpoints, tmp_path
     code, out, err = cli("verify", tmp_path / "art", "--prompts", "1", "--decode-steps", "2")
     assert code == 0, out + err
     assert "prefix" not in json.loads((tmp_path / "art" / "parity.json").read_text())
+
+
+def test_no_prompt_that_fits_the_cache_is_a_clear_failure():
+    from exporter.parity import prefix_failures
+    from exporter.reports import LoweringMetrics, PrefixParity
+    from exporter.spec import ParitySpec
+
+    nothing = LoweringMetrics(max_abs_diff=0.0, cosine_min=1.0, top1_agreement=1.0, positions=0)
+    (failure,) = prefix_failures(ParitySpec(), nothing, PrefixParity(prefix_tokens=9, prompts=0, served=0,
+                                                                       metrics=nothing))
+    assert "no behaviour prompt fits" in failure and "kv_cache.max_seq_len" in failure
+    (failure,) = prefix_failures(ParitySpec(), nothing, PrefixParity(prefix_tokens=9, prompts=3, served=0,
+                                                                       metrics=nothing))
+    assert "none of 3 behaviour prompts starts with" in failure

@@ -39,6 +39,19 @@ STATE = "device.json"
 CPU_MODELS = ("max", "cortex-a76", "cortex-a72", "cortex-a57", "cortex-a53", "neoverse-n1", "a64fx")
 
 
+def check_cpu(cpu: str) -> None:
+    """A qemu CPU model, optionally with feature switches qemu takes (``max,sme=off``: the
+    ``max`` model without SME, see docs/device-tests.md)."""
+    model, *switches = cpu.split(",")
+    if model not in CPU_MODELS:
+        raise UsageError(f"unknown CPU model {model!r}", hint=f"use one of {', '.join(CPU_MODELS)}")
+    for switch in switches:
+        name, _, value = switch.partition("=")
+        if not name.replace("-", "").isalnum() or value not in ("on", "off"):
+            raise UsageError(f"CPU feature switch {switch!r} is not NAME=on or NAME=off",
+                             hint="for example --cpu max,sme=off")
+
+
 def default_root() -> Path:
     from exporter.load import default_cache_dir
 
@@ -169,8 +182,7 @@ def setup(root: Path | None = None, *, progress: Callable[[str], None] = lambda 
     from exporter.devices import debian_sysroot
     from exporter.devices.runner_build import build_device_runner
 
-    if cpu not in CPU_MODELS:
-        raise UsageError(f"unknown CPU model {cpu!r}", hint=f"use one of {', '.join(CPU_MODELS)}")
+    check_cpu(cpu)
     root = Path(root) if root else default_root()
     wanted = {t: spec for t in known_targets() if (spec := backend_class(t).native_runner) is not None}
 

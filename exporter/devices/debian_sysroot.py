@@ -87,7 +87,7 @@ def build(into: Path, *, cpu: str, cpu_count: int, progress: Callable[[str], Non
 def write_cpuinfo(into: Path, cpu: str, cpu_count: int, *, features: tuple[str, ...]) -> None:
     """/proc/cpuinfo as an arm64 Linux kernel writes it, for the qemu CPU model ``cpu`` with
     ``features`` (the hwcaps the emulated CPU reports)."""
-    implementer, variant, part, revision = MIDR[cpu]
+    implementer, variant, part, revision = MIDR[cpu.split(",")[0]]  # a model, then its feature switches
     core = ("processor\t: {i}\nBogoMIPS\t: 50.00\nFeatures\t: " + " ".join(features) + "\n"
             f"CPU implementer\t: {implementer:#04x}\nCPU architecture: 8\nCPU variant\t: {variant:#x}\n"
             f"CPU part\t: {part:#05x}\nCPU revision\t: {revision}\n\n")
