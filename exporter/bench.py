@@ -134,7 +134,7 @@ def _worker_measurements(artifact, backend, spec, device: Device, prompts, progr
     scratch = Path(tempfile.mkdtemp(prefix="recgpt-bench-"))
     result_file = scratch / "result.json"
     cmd = [*device.python(), "-m", "exporter.bench", str(folder), str(result_file),
-           json.dumps({**_spec_dict(spec), "prefix_prompts": prompts})]
+           json.dumps({**_spec_dict(spec), "prefix_prompt_ids": prompts})]
     package_root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     try:
@@ -230,10 +230,10 @@ def _worker(folder: str, result_path: str, spec_json: str) -> None:
     out = measure(session, spec)
     out["baseline_rss_mb"] = baseline
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
-    if spec["prefix_prompts"]:  # after peak RSS is read: the runner is a second copy of the program
+    if spec["prefix_prompt_ids"]:  # after peak RSS is read: the runner is a second copy of the program
         del session
         out["prefix"] = measure_prefix(backend.load_runner(artifact), list(artifact.manifest.model.prompt_prefix_ids),
-                                       spec["prefix_prompts"])
+                                       spec["prefix_prompt_ids"])
     Path(result_path).write_text(json.dumps(out))
 
 
