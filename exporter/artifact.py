@@ -44,19 +44,40 @@ def atomic_dir(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
     if final.exists() and not overwrite:
         raise UsageError(f"{final} already exists", hint="choose another --out or pass --force")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-    previous = _raise_on_sigterm()
+    lock = _lock(final)
     try:
-        yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.chmod(0o755)  # mkdtemp makes it 0700; an artifact is for others to read
-        os.replace(tmp, final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+        previous = _raise_on_sigterm()
+        try:
+            yield tmp
+            if final.exists():
+                if not overwrite:  # not ours: something else wrote it meanwhile
+                    raise UsageError(f"{final} appeared while this export ran; it was left as it is",
+                                     hint="choose another --out or pass --force")
+                shutil.rmtree(final)
+            tmp.chmod(0o755)  # mkdtemp makes it 0700; an artifact is for others to read
+            os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        lock.unlink(missing_ok=True)
+
+
+def _lock(final: Path) -> Path:
+    """``.NAME.lock`` beside ``final``, created exclusively: a second export into the same
+    folder refuses at once instead of racing the first to the rename."""
+    lock = final.parent / f".{final.name}.lock"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        raise UsageError(f"another recgpt-export process is writing {final} (its lock {lock} exists)",
+                         hint=f"wait for it to finish, or delete {lock} if none is running") from None
+    with os.fdopen(fd, "w") as handle:
+        handle.write(f"{os.getpid()}\n")
+    return lock
 
 
 def _raise_on_sigterm():

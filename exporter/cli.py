@@ -3,7 +3,7 @@
 Exit codes: 0 success; 1 a parity gate failed (verify); 2 usage or input error (bad
 arguments, missing file or folder, bad artifact); 3 bad recipe; 4 checkpoint refused or
 unreadable; 5 unsupported for the target; 6 missing optional dependency; 8 a stage failed
-unexpectedly; 130 interrupted.
+unexpectedly; 9 the output could not be written (disk full); 130 interrupted (docs/errors.md).
 """
 
 from __future__ import annotations

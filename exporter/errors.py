@@ -49,6 +49,13 @@ class MissingDependencyError(RecgptError):
     exit_code = 6
 
 
+class OutputError(RecgptError):
+    """The output could not be written: the disk filled up, or the file system is read-only.
+    Nothing is left behind (the artifact folder is written atomically)."""
+
+    exit_code = 9
+
+
 class ArtifactError(RecgptError):
     """An artifact folder that is missing files, has a bad manifest or fails its checksums.
 

@@ -151,6 +151,8 @@ class ArtifactManifest:
 
 def manifest_from_json(data: dict[str, Any]) -> ArtifactManifest:
     """Read a manifest of this version or of version 1; anything else raises ValueError."""
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
     version = data.get("manifest_version")
     if version == 1:
         data = _from_version_1(data)

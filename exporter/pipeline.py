@@ -8,6 +8,7 @@ generate: greedy through the artifact
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -17,7 +18,7 @@ from exporter import artifact as art
 from exporter.backends import get_backend
 from exporter.backends.base import STATIC_SCALES, check_recipe
 from exporter.devices import Device, get_device
-from exporter.errors import ArtifactError, RecgptError, StageError, UsageError
+from exporter.errors import ArtifactError, OutputError, RecgptError, StageError, UsageError
 from exporter.manifest import MANIFEST_VERSION, ArtifactManifest, ModelFacts, TargetFacts
 from exporter.memory import release_memory
 from exporter.recipe_io import recipe_to_dict
@@ -52,6 +53,10 @@ class Stage:
         self.timings[self.name] = round(time.perf_counter() - self._t0, 3)
         if exc is None or isinstance(exc, (RecgptError, KeyboardInterrupt)):
             return False
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise OutputError(f"stage {self.name}: {exc.strerror.lower()} (writing {exc.filename or 'the output'}); "
+                              "nothing was left behind",
+                              hint="free space where the output goes, or choose another --out") from exc
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise StageError(f"stage {self.name} failed for target {self.target}: {type(exc).__name__}: {first_line}",
                          stage=self.name, target=self.target,

@@ -69,10 +69,22 @@ def _read(hint: Any, data: Any, path: str) -> Any:
         (inner,) = [a for a in args if a is not type(None)]
         return _read(inner, data, path)
     if origin is tuple:
+        if not isinstance(data, list):
+            raise RecordError(f"{path}: expected a list, got {type(data).__name__}")
         return tuple(_read(args[0], v, f"{path}[{i}]") for i, v in enumerate(data))
     if origin is dict:
+        if not isinstance(data, dict):
+            raise RecordError(f"{path}: expected an object, got {type(data).__name__}")
         return {k: _read(args[1], v, f"{path}.{k}") for k, v in data.items()}
+    wanted = _PLAIN.get(hint)
+    if wanted is not None and (not isinstance(data, wanted) or (hint is not bool and isinstance(data, bool))):
+        raise RecordError(f"{path}: expected {hint.__name__}, got {type(data).__name__}")
     return data  # plain values (and Any) as they are
+
+
+# The JSON types a plain field's value may have (a float field takes an integer, no field takes
+# a bool but a bool one).
+_PLAIN = {str: str, int: int, float: (int, float), bool: bool}
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
