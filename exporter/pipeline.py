@@ -54,7 +54,8 @@ class Stage:
         if exc is None or isinstance(exc, (RecgptError, KeyboardInterrupt)):
             return False
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-            raise OutputError(f"stage {self.name}: {exc.strerror.lower()} (writing {exc.filename or 'the output'}); "
+            what = (exc.strerror or str(exc)).lower()
+            raise OutputError(f"stage {self.name}: {what} (writing {exc.filename or 'the output'}); "
                               "nothing was left behind",
                               hint="free space where the output goes, or choose another --out") from exc
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
