@@ -32,10 +32,8 @@ def main() -> None:
     from exporter.intent.evalset import read_eval_set
     from exporter.intent.metrics import normalise
     from exporter.intent.prompt import behaviour_prompt_ids
-    from exporter.intent.reference_cache import CachedCandidates, reference_key
-    from exporter.intent.score import stop_ids_of
-    from exporter.intent.task import batched_candidates, candidates
-    from exporter.load import default_cache_dir, load_model
+    from exporter.intent.task import candidates, float_reference, task_stop_ids
+    from exporter.load import load_model
     from exporter.recipe_io import recipe_from_dict
     from exporter.records import to_json
     from exporter.runners import PrefixCachedRunner
@@ -46,15 +44,12 @@ def main() -> None:
     task = recipe_from_dict(artifact.manifest.recipe).task
     loaded = load_model(facts.source, adapter=facts.adapter or None)
     tokenizer = loaded.tokenizer
-    stop_ids = stop_ids_of(tokenizer) | set(facts.eos_ids)
+    stop_ids = task_stop_ids(tokenizer, facts)
     options = dict(k=task.candidates, max_new_tokens=task.max_new_tokens, stop_ids=stop_ids)
     prompts = behaviour_prompt_ids(read_eval_set(task.eval or "builtin")[:args.sessions], task, tokenizer)
     runner = get_backend(artifact.target).load_runner(artifact)
     cached = PrefixCachedRunner(runner, facts.prompt_prefix_ids)
-    float_side = CachedCandidates.open(lambda ids, **kw: batched_candidates(loaded.model, ids, **kw),
-                                       default_cache_dir(),
-                                       reference_key(weights_sha256=facts.weights_sha256, k=task.candidates,
-                                                     max_new_tokens=task.max_new_tokens, stop_ids=stop_ids))
+    float_side = float_reference(loaded, facts, task, stop_ids)
 
     def top(ids: list[int]) -> str:
         return normalise(tokenizer.decode(ids, skip_special_tokens=True).strip())

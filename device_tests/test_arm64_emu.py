@@ -5,6 +5,7 @@ of `make test`. Emulated timings are written, never asserted on."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 
@@ -25,6 +26,18 @@ def emulator():
     from exporter.devices import arm64_emu
 
     arm64_emu.setup()  # seconds when already set up
+
+
+@contextlib.contextmanager
+def emulated_cpu(cpu: str):
+    """The emulator on qemu CPU model ``cpu`` inside the block, back on `max` after it."""
+    from exporter.devices import arm64_emu
+
+    arm64_emu.setup(cpu=cpu)
+    try:
+        yield
+    finally:
+        arm64_emu.setup(cpu="max")
 
 
 def export(tmp_path, checkpoint, name, extra):
@@ -83,16 +96,12 @@ def test_bench_on_the_emulator_is_marked_emulated(tiny_checkpoints, tmp_path, cl
 def test_a_phone_core_without_i8mm_or_sve(tiny_checkpoints, tmp_path):
     """qemu's cortex-a76 model: the features of a 2019-2021 phone big core, so XNNPACK takes
     its dotprod kernels instead of the i8mm / SVE ones the `max` model offers."""
-    from exporter.devices import arm64_emu
     from exporter.pipeline import verify
 
     folder = export(tmp_path, tiny_checkpoints["llama"], "tiny-llama-int4",
                     quant_rules("int8_dynact_int4_weight") + INT4_GATES)
-    arm64_emu.setup(cpu="cortex-a76")
-    try:
+    with emulated_cpu("cortex-a76"):
         report = verify(folder, device="arm64-emu", prompts=2, decode_steps=8, greedy_tokens=8)
-    finally:
-        arm64_emu.setup(cpu="max")
     features = report.device_facts.features
     assert "asimddp" in features and "i8mm" not in features and "sve" not in features
     assert report.passed, report.failures
@@ -107,16 +116,12 @@ def test_8da8w_on_the_max_model_without_sme(tiny_checkpoints, tmp_path):
     model with SME switched off: the aarch64 kernels give the host's logits. With SME on they
     do not (cosine 0.02 on this model, docs/device-tests.md): that is qemu's SME emulation or
     the SME kernels, which no phone here can tell apart, so it is recorded, not asserted."""
-    from exporter.devices import arm64_emu
     from exporter.pipeline import verify
 
     folder = export(tmp_path, tiny_checkpoints["qwen3"], "tiny-qwen3-8da8w",
                     quant_rules("int8_dynact_int8_weight") + INT8_GATES)
-    arm64_emu.setup(cpu="max,sme=off")
-    try:
+    with emulated_cpu("max,sme=off"):
         report = verify(folder, device="arm64-emu", prompts=2, decode_steps=8, greedy_tokens=8)
-    finally:
-        arm64_emu.setup(cpu="max")
     assert "sme" not in report.device_facts.features and "i8mm" in report.device_facts.features
     assert report.device_vs_host.top1_agreement >= 0.98 and report.device_vs_host.cosine_min >= 0.999
 

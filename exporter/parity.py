@@ -165,7 +165,7 @@ def prefix_parity(runner: ChunkedRunner, prefix: Sequence[int], prompts: Sequenc
     for prompt in served:
         seen: list[np.ndarray] = []
         continuations.append(greedy(runner, prompt, steps, eos_ids=set(), logits_seen=seen))
-        whole_rows.append(np.stack(seen[:len(continuations[-1])]))
+        whole_rows.append(np.stack(seen))
     cached.prefill_prefix()
     cached_rows = [teacher_forced_logits(cached, prompt, continuation)
                    for prompt, continuation in zip(served, continuations, strict=True)]

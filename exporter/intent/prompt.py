@@ -9,6 +9,7 @@ budget (the newest is always kept).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -97,12 +98,8 @@ def fixed_prefix_ids(setting: str, fmt: PromptFormat, *, encode: Callable[[str],
         return encode(setting)
     if fmt.template == CHAT and apply_chat_template is None:
         return []
-    first, *others = [encode(render(lines, typed, fmt, apply_chat_template)) for lines, typed in _PROBES]
-    length = len(first)
-    for ids in others:
-        length = next((i for i, (a, b) in enumerate(zip(first, ids, strict=False)) if a != b),
-                      min(length, len(ids)))
-    return first[:length]
+    return list(os.path.commonprefix([encode(render(lines, typed, fmt, apply_chat_template))
+                                      for lines, typed in _PROBES]))
 
 
 def chat_template_of(tokenizer) -> Callable | None:

@@ -131,17 +131,11 @@ def run_task(task, sessions, loaded, candidate, facts, progress) -> TaskReport:
     side's candidates are kept per checkpoint (intent/reference_cache.py): verifying a second
     artifact of the same checkpoint decodes only the artifact's side."""
     from exporter.intent.prompt import PromptFormat, encoder
-    from exporter.intent.reference_cache import CachedCandidates, reference_key
-    from exporter.intent.score import stop_ids_of
-    from exporter.load import default_cache_dir
 
     tokenizer = loaded.tokenizer
     fmt = PromptFormat.of(task)
-    stop_ids = stop_ids_of(tokenizer) | set(facts.eos_ids)
-    float_side = CachedCandidates.open(
-        lambda ids, **kw: batched_candidates(loaded.model, ids, **kw), default_cache_dir(),
-        reference_key(weights_sha256=facts.weights_sha256, k=task.candidates, max_new_tokens=task.max_new_tokens,
-                      stop_ids=stop_ids))
+    stop_ids = task_stop_ids(tokenizer, facts)
+    float_side = float_reference(loaded, facts, task, stop_ids)
     try:
         report = task_section(
             sessions, float_candidates=float_side,
@@ -153,6 +147,26 @@ def run_task(task, sessions, loaded, candidate, facts, progress) -> TaskReport:
     finally:
         float_side.save()  # what was decoded is kept even when the run is interrupted
     return replace(report, float_from_cache=float_side.hits)
+
+
+def task_stop_ids(tokenizer, facts) -> set[int]:
+    """Where a query ends: the tokenizer's end of turn and the artifact's end tokens."""
+    from exporter.intent.score import stop_ids_of
+
+    return stop_ids_of(tokenizer) | set(facts.eos_ids)
+
+
+def float_reference(loaded, facts, task, stop_ids: set[int]):
+    """The float checkpoint's side of the task (its k candidates in one batch), kept per
+    checkpoint and decoding method in the cache folder (intent/reference_cache.py); call
+    ``save()`` on it when done."""
+    from exporter.intent.reference_cache import CachedCandidates, reference_key
+    from exporter.load import default_cache_dir
+
+    return CachedCandidates.open(
+        lambda ids, **kw: batched_candidates(loaded.model, ids, **kw), default_cache_dir(),
+        reference_key(weights_sha256=facts.weights_sha256, k=task.candidates, max_new_tokens=task.max_new_tokens,
+                      stop_ids=stop_ids))
 
 
 def with_task(report, task_report: TaskReport, agreement_min: float):

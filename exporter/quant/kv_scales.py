@@ -59,5 +59,8 @@ def set_kv_scales(lm, scales: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> No
         cache.static_scales = (k_scale.float(), v_scale.float())
 
 
-def kv_scales_of(lm) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [cache.static_scales for cache in kv_caches(lm)]
+def kv_scales_of(lm) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Each layer's (key, value) scales [kv_heads, head_dim] when the decoder's cache has
+    them (an int8 cache with fixed scales), else None."""
+    scales = [cache.static_scales for cache in kv_caches(lm)]
+    return scales if all(pair is not None for pair in scales) else None

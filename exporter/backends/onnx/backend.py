@@ -156,11 +156,11 @@ class OnnxBackend(Backend):
 
 
 def io_signature(lm) -> IOSignature:
-    from exporter.backends.onnx.graph import static_kv_scales
+    from exporter.quant.kv_scales import kv_scales_of
 
     s = lm.shape
     cache = ["batch", s.n_kv_heads, f"buffer<= {lm.max_seq_len}", s.head_dim]
-    dtype = "int8" if static_kv_scales(lm) else "float32"
+    dtype = "int8" if kv_scales_of(lm) else "float32"
     scaled = " (codes; the fixed per-channel scales are in the graph)" if dtype == "int8" else ""
     return IOSignature(
         inputs=(

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from exporter.backends.onnx.blocks import ACCURACY_FLOAT, BlockQuantized, StoredWeight
+from exporter.quant.kv_scales import kv_scales_of
 
 MS_DOMAIN = "com.microsoft"
 
@@ -139,13 +140,6 @@ def attention_attributes(s) -> dict:
                 do_rotary=1, rotary_interleaved=0, local_window_size=-1)
 
 
-def static_kv_scales(lm) -> list | None:
-    """Each layer's (key, value) int8 cache scales [kv_heads, head_dim], when the decoder's
-    cache has them (quant/kv_scales.py), else None."""
-    scales = [layer.self_attn.kv_cache.static_scales for layer in lm.model.layers]
-    return scales if all(pair is not None for pair in scales) else None
-
-
 def build_graph(lm, stored: dict | None = None, *, opset: int, fuse_projections: bool = True):
     """The ONNX ModelProto of a StaticCacheLM and facts about it for the manifest.
     ``stored``: module -> StoredWeight, as the onnx quantizer stored it (float without).
@@ -159,7 +153,7 @@ def build_graph(lm, stored: dict | None = None, *, opset: int, fuse_projections:
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [batch, seq]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [batch, total])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 1, s.vocab_size])]
-    kv_scales = static_kv_scales(lm)
+    kv_scales = kv_scales_of(lm)
     cache_type = TensorProto.INT8 if kv_scales else TensorProto.FLOAT
     for i in range(s.n_layers):
         for kind in ("key", "value"):
