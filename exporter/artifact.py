@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.errors import ArtifactError, UsageError
-from exporter.manifest import MANIFEST, ArtifactManifest, FileEntry, manifest_from_json
+from exporter.manifest import EXPORT_LOG, MANIFEST, ArtifactManifest, FileEntry, manifest_from_json
 from exporter.records import RecordError, write_json_atomic
 
 __all__ = ["MANIFEST", "Artifact", "atomic_dir", "environment", "file_table", "read_artifact", "write_json_atomic"]
@@ -121,7 +121,7 @@ def environment() -> dict[str, Any]:
 
 
 def file_table(folder: Path) -> dict[str, FileEntry]:
-    """sha256 and size of every file in the folder except the manifest and reports."""
+    """sha256 and size of every file in the folder except the manifest and the run records."""
     table = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
@@ -131,7 +131,9 @@ def file_table(folder: Path) -> dict[str, FileEntry]:
     return table
 
 
-REPORT_FILES = ("parity.json", "bench.json")
+# Records of runs over the artifact (when, how long, what was measured), not its content:
+# outside the file table, so they never make two builds of the same bytes differ.
+REPORT_FILES = ("parity.json", "bench.json", EXPORT_LOG)
 
 
 def now_iso() -> str:

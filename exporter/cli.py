@@ -49,8 +49,11 @@ ModelOpt = Annotated[str | None, typer.Option("--model", "-m",
 
 
 @app.callback()
-def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False) -> None:
+def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors, and the runtimes' "
+                                                             "own C++ log lines.")] = False) -> None:
     _state["debug"] = debug
+    if debug:  # the runtimes' own C++ logs too (runners.quiet_native_stderr)
+        os.environ["RECGPT_NATIVE_LOGS"] = "1"
     # A non-interactive shell starts background jobs with SIGINT ignored and children inherit
     # it; an export must still stop cleanly, leaving nothing behind, when sent SIGINT.
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -292,11 +295,12 @@ def inspect(folder: ArtifactDir, json_: JsonFlag = False) -> None:
     from exporter.records import to_json
 
     m = run(lambda: read_artifact(folder)).manifest
+    log = export_log(folder)
     if json_:
         out_console.print_json(json.dumps(to_json(m)))
         return
     opset = f" opset {m.target.info['opset']}" if "opset" in m.target.info else ""
-    out_console.print(f"[bold]{m.name}[/bold]  target {m.target.name}{opset}  created {m.created}")
+    out_console.print(f"[bold]{m.name}[/bold]  target {m.target.name}{opset}  created {log.created if log else '-'}")
     out_console.print(f"model {m.model.source} ({m.model.architecture}, vocab {m.model.vocab_size}, "
                       f"max_seq_len {m.model.max_seq_len}, max_prefill_len {m.model.max_prefill_len})")
     files = Table(title="files")
@@ -319,8 +323,175 @@ def inspect(folder: ArtifactDir, json_: JsonFlag = False) -> None:
                else "one group per row")
         out_console.print(f"width {entry['width']} not a multiple of group {entry['group_size']}: {entry['module']} "
                           f"({how})")
-    out_console.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in m.timings_s.items()))
+    if log is not None:  # an artifact copied without its export.json still inspects
+        out_console.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in log.timings_s.items()))
     out_console.print("versions: " + ", ".join(f"{k} {v}" for k, v in m.environment["packages"].items()))
+
+
+def export_log(folder: Path):
+    from exporter.manifest import EXPORT_LOG, ExportLog
+    from exporter.records import RecordError, from_json
+
+    try:
+        return from_json(ExportLog, json.loads((folder / EXPORT_LOG).read_text(encoding="utf-8")))
+    except (OSError, ValueError, RecordError):
+        return None
+
+
+class BuildLines:
+    """The build's progress on stderr: one line per artifact and stage, and after each artifact
+    a bar for the whole build. Picklable: `--jobs` workers print their own stage lines."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __call__(self, artifact_id: str, message: str) -> None:
+        err_console.print(f"[dim][{time.perf_counter() - self.t0:7.1f}s][/dim] [cyan]{escape(artifact_id)}[/cyan] "
+                          f"{escape(message)}", highlight=False)
+
+    def done(self, entry, finished: int, total: int) -> None:
+        width = 30
+        bar = "#" * round(width * finished / total) + "." * (width - round(width * finished / total))
+        colour = {"passed": "green", "failed": "red"}.get(entry.result, "yellow")
+        err_console.print(f"[dim][{time.perf_counter() - self.t0:7.1f}s][/dim] build {escape(f'[{bar}]')} "
+                          f"{finished}/{total}  "
+                          f"{escape(entry.id)} [{colour}]{entry.result}[/{colour}]", highlight=False)
+
+
+@app.command()
+def build(
+    inputs: Annotated[list[str], typer.Argument(
+        help="A matrix file (TOML, docs/ci.md); or one or more recipes with --model; or `merge SHARD_DIR ...` "
+             "to join the shards of a CI matrix into --out.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The release folder: one folder per artifact, "
+                                                         "index.json, report.html.")] = Path("dist"),
+    model: ModelOpt = None,
+    adapter: Annotated[Path | None, typer.Option("--adapter", help="A LoRA adapter merged into --model.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field of every recipe "
+                                                                 "(repeatable).")] = None,
+    device: Annotated[list[str] | None, typer.Option(
+        "--device", "-d", help="Also verify on this device after the host (repeatable; see verify --device).")] = None,
+    eval_set: Annotated[str | None, typer.Option("--eval", help="Add verify's task section on this eval set.")] = None,
+    sessions: Annotated[int | None, typer.Option(help="Eval sessions scored.")] = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Artifacts exported and verified at once (refused "
+                                                           "when they would not fit in memory); benches run one "
+                                                           "at a time.")] = 1,
+    shard: Annotated[str | None, typer.Option(help="Build the i-th of n deterministic slices, as i/n "
+                                                   "(a CI matrix job each; then `build merge`).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild artifacts that are up to date.")] = False,
+    check: Annotated[bool, typer.Option("--check", help="Rebuild one artifact of the folder given as INPUTS and "
+                                                        "confirm its files match the published sha256.")] = False,
+    artifact: Annotated[str | None, typer.Option(help="With --check: which artifact (default: the first).")] = None,
+) -> None:
+    """Build the release matrix: export, verify (host, then each device) and bench every artifact;
+    write OUT/<artifact>/ with its reports, OUT/index.json and OUT/report.html. Exit 1 if a gate
+    failed, 8 if a stage failed in any artifact (the others are still built and reported).
+
+    Up-to-date artifacts (same model, resolved recipe, tool versions and checks) are kept; an
+    interrupted build resumes where it stopped."""
+    from exporter.errors import UsageError
+
+    def go():
+        if check:
+            return _build_check(inputs, artifact)
+        if inputs[0] == "merge":
+            return _build_merge(inputs[1:], out)
+        from exporter.build.matrix import command_line_matrix, plan_build, read_matrix
+        from exporter.build.matrix import shard as take_shard
+        from exporter.build.report import write_report
+        from exporter.build.run import build as do_build
+
+        first = Path(inputs[0])
+        if len(inputs) == 1 and first.suffix == ".toml" and first.is_file() and _is_matrix(first):
+            if model or adapter or set_ or device or eval_set or sessions:
+                raise UsageError("--model, --adapter, --set, --device, --eval and --sessions go in the matrix file",
+                                 hint="or pass recipes instead of a matrix file")
+            plan = plan_build(read_matrix(first), str(first))
+        else:
+            plan = plan_build(command_line_matrix(inputs, model, str(adapter) if adapter else None, set_ or [],
+                                                  device or [], eval_set, sessions), "command line")
+        plan = take_shard(plan, shard)
+        lines = BuildLines()
+        err_console.print(f"build: {len(plan.artifacts)} artifacts into {out}"
+                          f"{f' (shard {shard})' if shard else ''}", highlight=False)
+        index = do_build(plan, out, jobs=jobs, force=force, shard=shard or "", stage_line=lines,
+                         artifact_done=lines.done)
+        write_report(out)
+        return index
+
+    result = run(go)
+    if check or inputs[0] == "merge":
+        raise typer.Exit(result)
+    render_build(result, out)
+    raise typer.Exit({"passed": 0, "failed": 1}.get(result.result, 8))
+
+
+def _is_matrix(path: Path) -> bool:
+    """A matrix file has [[models]]; a recipe has a name and no models."""
+    import tomllib
+
+    try:
+        return "models" in tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return False
+
+
+def _build_merge(shards: list[str], out: Path) -> int:
+    from exporter.build.merge import merge
+    from exporter.build.report import write_report
+
+    progress = StageProgress()
+    index = merge([Path(s) for s in shards], out, progress)
+    write_report(out)
+    render_build(index, out)
+    return {"passed": 0, "failed": 1}.get(index.result, 8)
+
+
+def _build_check(inputs: list[str], artifact: str | None) -> int:
+    from exporter.build.check import check as do_check
+    from exporter.errors import UsageError
+
+    if len(inputs) != 1:
+        raise UsageError("build --check takes one release folder", hint="recgpt-export build --check dist/")
+    result = do_check(Path(inputs[0]), artifact, StageProgress())
+    if result.identical:
+        out_console.print(f"[bold green]identical[/bold green]: {result.artifact} rebuilt, all {result.files} files "
+                          "have the published sha256")
+        return 0
+    out_console.print(f"[bold red]differs[/bold red]: {result.artifact} rebuilt; {len(result.differing)} of "
+                      f"{result.files} files differ: {', '.join(result.differing)}", highlight=False, soft_wrap=True)
+    return 1
+
+
+def render_build(index, out: Path) -> None:
+    table = Table(title=f"build: {len(index.artifacts)} artifacts, {index.result}")
+    table.add_column("artifact", overflow="fold")
+    for col in ("result", "MB", "decode tok/s", "TTFT ms", "KL mean", "top-1", "failed"):
+        table.add_column(col, overflow="fold")
+    for e in index.artifacts:
+        f = e.figures
+        failed = e.error if e.error else "; ".join(g.name for g in e.gates if not g.passed)
+        colour = {"passed": "green", "failed": "red"}.get(e.result, "yellow")
+        table.add_row(escape(e.id), f"[{colour}]{e.result}[/{colour}]", f"{e.bytes / 1e6:.1f}",
+                      *(f"{f[k]:.3g}" if k in f else "-" for k in ("decode_tok_s", "ttft_ms", "kl_mean", "top1")),
+                      escape(failed))
+    out_console.print(table)
+    out_console.print(f"wrote {out / 'index.json'} and {out / 'report.html'}")
+    for e in index.artifacts:
+        for failure in e.failures:
+            out_console.print(f"[bold red]FAIL[/bold red] {escape(e.id)}: {escape(failure)}", highlight=False,
+                              soft_wrap=True)
+        if e.error:
+            out_console.print(f"[bold yellow]ERROR[/bold yellow] {escape(e.id)} at {e.stage}: {escape(e.error)}",
+                              highlight=False, soft_wrap=True)
+
+
+@app.command()
+def report(folder: Annotated[Path, typer.Argument(help="A release folder written by `recgpt-export build`.")]) -> None:
+    """Redraw FOLDER/report.html from FOLDER/index.json (one self-contained page)."""
+    from exporter.build.report import write_report
+
+    out_console.print(f"wrote {run(lambda: write_report(folder))}")
 
 
 @recipes_app.command("list")

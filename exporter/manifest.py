@@ -1,9 +1,12 @@
 """manifest.json as a typed record: what an artifact folder holds and how it was made.
 
 Written once by ``pipeline.export``, read by every command that takes a folder (and by a
-device farm checking it again). Version 2 (this one) has the target's facts under
-``target.info`` and the KV cache shape as named fields; version-1 manifests are read by
-``_from_version_1``, so artifacts exported before still verify.
+device farm checking it again). It records what went into the bytes and nothing about the
+run that made them, so the same inputs give the same manifest (when and how long: export.json,
+``ExportLog``). Version 3 (this one) moved ``created`` and ``timings_s`` out to export.json;
+version 2 had the target's facts under ``target.info`` and the KV cache shape as named
+fields; version-1 manifests are read by ``_from_version_1``, so artifacts exported before
+still verify.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from typing import Any
 from exporter.records import from_json
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
+EXPORT_LOG = "export.json"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,7 +131,6 @@ class FileEntry:
 class ArtifactManifest:
     manifest_version: int = MANIFEST_VERSION
     name: str
-    created: str
     recipe: dict[str, Any]  # the resolved recipe (recipe_io.recipe_to_dict); recipe_io reads it back
     model: ModelFacts
     target: TargetFacts
@@ -135,7 +138,6 @@ class ArtifactManifest:
     io_signature: IOSignature
     quantization: dict[str, Any]  # QuantSummary.to_dict()
     environment: dict[str, Any]
-    timings_s: dict[str, float]
     files: dict[str, FileEntry]
 
     def rule_for(self, module: str) -> dict[str, Any] | None:
@@ -149,15 +151,26 @@ class ArtifactManifest:
                    if any(rel == root or rel.startswith(root.rstrip("/") + "/") for root in roots))
 
 
+@dataclass(frozen=True, kw_only=True)
+class ExportLog:
+    """export.json: when the artifact was made and how long each stage took (not in the
+    manifest: the same inputs must give the same manifest bytes)."""
+
+    created: str
+    timings_s: dict[str, float]
+
+
 def manifest_from_json(data: dict[str, Any]) -> ArtifactManifest:
-    """Read a manifest of this version or of version 1; anything else raises ValueError."""
+    """Read a manifest of this version, 2 or 1; anything else raises ValueError."""
     if not isinstance(data, dict):
         raise ValueError(f"expected a JSON object, got {type(data).__name__}")
     version = data.get("manifest_version")
     if version == 1:
         data = _from_version_1(data)
+    elif version == 2:  # the same fields and created / timings_s, which are no longer read
+        data = {**data, "manifest_version": MANIFEST_VERSION}
     elif version != MANIFEST_VERSION:
-        raise ValueError(f"manifest_version {version!r} is not one this tool reads (1 or {MANIFEST_VERSION})")
+        raise ValueError(f"manifest_version {version!r} is not one this tool reads (1, 2 or {MANIFEST_VERSION})")
     return from_json(ArtifactManifest, data, "manifest")
 
 

@@ -12,7 +12,7 @@ tokens, so one early divergence does not compound.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -35,6 +35,24 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     x = x - x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+@dataclass(frozen=True, kw_only=True)
+class GateCheck:
+    """One gate: the value seen, the limit it is held to (``at_least`` or at most), the verdict,
+    and the sentence verify prints when it fails."""
+
+    name: str
+    value: float
+    limit: float
+    at_least: bool
+    passed: bool
+    message: str
+
+
+def _gate(name: str, value: float, limit: float, at_least: bool, message: str) -> GateCheck:
+    return GateCheck(name=name, value=float(value), limit=float(limit), at_least=at_least,
+                     passed=value >= limit if at_least else value <= limit, message=message)
 
 
 def teacher_forced_logits(runner: Runner, prompt: Sequence[int], continuation: Sequence[int]) -> np.ndarray:
@@ -61,12 +79,24 @@ def lowering_metrics(candidate: np.ndarray, reference: np.ndarray) -> LoweringMe
                            positions=int(candidate.shape[0]))
 
 
-def quality_metrics(candidate: np.ndarray, reference: np.ndarray) -> QualityMetrics:
+def quality_metrics(candidate: np.ndarray, reference: np.ndarray, steps: int = 0) -> QualityMetrics:
+    """``steps``: rows per prompt (prompt-major), when the rows are teacher-forced decode steps:
+    then KL and top-1 are also given per step (the first row of a prompt is step 0)."""
     ref_lp, cand_lp = log_softmax(reference), log_softmax(candidate)
     kl = (np.exp(ref_lp) * (ref_lp - cand_lp)).sum(-1)  # KL(float || artifact), as llama.cpp reports
+    agree = candidate.argmax(-1) == reference.argmax(-1)
+    by_step = {}
+    if steps and kl.shape[0] % steps == 0:
+        by_step = dict(kl_by_step=_rounded(kl.reshape(-1, steps).mean(0)),
+                       top1_by_step=_rounded(agree.reshape(-1, steps).mean(0)), steps_per_prompt=steps)
     return QualityMetrics(kl_mean=float(kl.mean()), kl_p99=float(np.percentile(kl, 99)), kl_max=float(kl.max()),
-                          top1_agreement=float((candidate.argmax(-1) == reference.argmax(-1)).mean()),
-                          positions=int(candidate.shape[0]))
+                          top1_agreement=float(agree.mean()), positions=int(candidate.shape[0]),
+                          kl_by_position=_rounded(kl), **by_step)
+
+
+def _rounded(values: np.ndarray) -> tuple[float, ...]:
+    """Six significant digits: enough to plot, and parity.json stays readable."""
+    return tuple(float(f"{v:.6g}") for v in values.astype(np.float64))
 
 
 def perplexity(runner: Runner, tokens: Sequence[int]) -> float:
@@ -136,7 +166,8 @@ def check_parity(*, candidate: Runner, quantized_reference: Runner, float_refere
         lowering = replace(lowering, noise_floor=noise_floor(
             [lowering_metrics(np.concatenate(rows), quant) for rows in noise_rows],
             [noisy.relative for noisy in noise_references], spec.lowering_noise_floor_factor))
-    quality = replace(quality_metrics(cand, flt), ppl_reference=perplexity(float_reference, heldout),
+    quality = replace(quality_metrics(cand, flt, steps=spec.decode_steps + 1),
+                      ppl_reference=perplexity(float_reference, heldout),
                       ppl_candidate=perplexity(candidate, heldout), heldout_tokens=len(heldout))
     greedy_report = GreedyMetrics(exact_match_rate=float(np.mean(greedy_exact)),
                                   first_divergence_min=int(min(greedy_first)),
@@ -176,24 +207,32 @@ def prefix_parity(runner: ChunkedRunner, prefix: Sequence[int], prompts: Sequenc
     return PrefixParity(prefix_tokens=len(prefix), prompts=len(prompts), served=len(served), metrics=metrics)
 
 
-def prefix_failures(spec: ParitySpec, lowering: LoweringMetrics, prefix: PrefixParity) -> list[str]:
-    """The lowering gates (with the noise floor ``lowering`` measured) on the prefix path."""
+def prefix_checks(spec: ParitySpec, lowering: LoweringMetrics, prefix: PrefixParity) -> list[GateCheck]:
+    """The lowering gates (with the noise floor ``lowering`` measured) on the prefix path, and
+    that any prompt was served from the prefix at all."""
     if prefix.prompts == 0:
-        return ["prefix: no behaviour prompt fits the artifact's KV cache, so the prompt prefix was not checked; "
-                "lower task.budget or export with a larger kv_cache.max_seq_len"]
+        return [_gate("prefix.prompts", 0, 1, True,
+                      "prefix: no behaviour prompt fits the artifact's KV cache, so the prompt prefix was not "
+                      "checked; lower task.budget or export with a larger kv_cache.max_seq_len")]
     max_abs, cos_min, top1_min, floor_note = lowering_limits(spec, lowering)
     m = prefix.metrics
-    checks = [
-        (prefix.served > 0, f"prefix: none of {prefix.prompts} behaviour prompts starts with the artifact's "
-                            f"{prefix.prefix_tokens}-token prompt prefix (task.cached_prefix)"),
-        (m.max_abs_diff <= max_abs, f"prefix: max abs logit difference from the whole prompt {m.max_abs_diff:.3g} "
-                                    f"exceeds {max_abs:.3g}{floor_note}"),
-        (m.cosine_min >= cos_min, f"prefix: minimum cosine with the whole prompt {m.cosine_min:.6f} is below "
-                                  f"{cos_min:.6f}{floor_note}"),
-        (m.top1_agreement >= top1_min, f"prefix: top-1 agreement with the whole prompt {m.top1_agreement:.2%} is "
-                                       f"below {top1_min:.2%}{floor_note}"),
+    return [
+        _gate("prefix.served", prefix.served, 1, True,
+              f"prefix: none of {prefix.prompts} behaviour prompts starts with the artifact's "
+              f"{prefix.prefix_tokens}-token prompt prefix (task.cached_prefix)"),
+        _gate("prefix.max_abs_diff", m.max_abs_diff, max_abs, False,
+              f"prefix: max abs logit difference from the whole prompt {m.max_abs_diff:.3g} "
+              f"exceeds {max_abs:.3g}{floor_note}"),
+        _gate("prefix.cosine_min", m.cosine_min, cos_min, True,
+              f"prefix: minimum cosine with the whole prompt {m.cosine_min:.6f} is below {cos_min:.6f}{floor_note}"),
+        _gate("prefix.top1_agreement", m.top1_agreement, top1_min, True,
+              f"prefix: top-1 agreement with the whole prompt {m.top1_agreement:.2%} is "
+              f"below {top1_min:.2%}{floor_note}"),
     ]
-    return [message for ok, message in checks if not ok]
+
+
+def prefix_failures(spec: ParitySpec, lowering: LoweringMetrics, prefix: PrefixParity) -> list[str]:
+    return [check.message for check in prefix_checks(spec, lowering, prefix) if not check.passed]
 
 
 FLOOR_METRICS = ("max_abs_diff", "cosine_min", "top1_agreement")
@@ -237,34 +276,40 @@ def lowering_limits(spec: ParitySpec, lowering: LoweringMetrics) -> tuple[float,
             f" (or {factor:g}x the reference's noise floor)")
 
 
+def gate_checks(spec: ParitySpec, lowering: LoweringMetrics, quality: QualityMetrics, greedy_report: GreedyMetrics,
+                tokenizer: TokenizerReport) -> list[GateCheck]:
+    """Every gate of the lowering, quality, greedy and tokenizer checks, passed or not."""
+    max_abs, cos_min, top1_min, floor_note = lowering_limits(spec, lowering)
+    return [
+        _gate("lowering.max_abs_diff", lowering.max_abs_diff, max_abs, False,
+              f"lowering: max abs logit difference {lowering.max_abs_diff:.3g} exceeds {max_abs:.3g}, "
+              f"parity.lowering_max_abs_diff {spec.lowering_max_abs_diff:g}{floor_note}"),
+        _gate("lowering.cosine_min", lowering.cosine_min, cos_min, True,
+              f"lowering: minimum cosine {lowering.cosine_min:.6f} is below {cos_min:.6f}, "
+              f"parity.lowering_cosine_min {spec.lowering_cosine_min:g}{floor_note}"),
+        _gate("lowering.top1_agreement", lowering.top1_agreement, top1_min, True,
+              f"lowering: top-1 agreement {lowering.top1_agreement:.2%} is below {top1_min:.2%}, "
+              f"parity.lowering_top1_min {spec.lowering_top1_min:.2%}{floor_note}"),
+        _gate("quality.top1_agreement", quality.top1_agreement, spec.quality_top1_min, True,
+              f"quality: top-1 agreement with the float model {quality.top1_agreement:.2%} "
+              f"is below parity.quality_top1_min {spec.quality_top1_min:.2%}"),
+        _gate("quality.kl_mean", quality.kl_mean, spec.quality_kl_mean_max, False,
+              f"quality: mean KL divergence from the float model {quality.kl_mean:.4g} "
+              f"exceeds parity.quality_kl_mean_max {spec.quality_kl_mean_max:g}"),
+        _gate("greedy.exact_match_rate", greedy_report.exact_match_rate, spec.greedy_exact_match_min, True,
+              f"greedy: exact-match rate {greedy_report.exact_match_rate:.2%} "
+              f"is below parity.greedy_exact_match_min {spec.greedy_exact_match_min:.2%}"),
+        _gate("tokenizer.mismatches", tokenizer.mismatches, 0, False,
+              f"tokenizer: {tokenizer.mismatches} of {tokenizer.texts} texts encode or decode differently "
+              "with the shipped tokenizer"),
+    ]
+
+
 def gate_failures(spec: ParitySpec, lowering: LoweringMetrics, quality: QualityMetrics, greedy_report: GreedyMetrics,
                   tokenizer: TokenizerReport) -> list[str]:
     """One sentence per failed gate, naming the threshold and the value seen."""
-    max_abs, cos_min, top1_min, floor_note = lowering_limits(spec, lowering)
-    checks = [
-        (lowering.max_abs_diff <= max_abs,
-         f"lowering: max abs logit difference {lowering.max_abs_diff:.3g} exceeds {max_abs:.3g}, "
-         f"parity.lowering_max_abs_diff {spec.lowering_max_abs_diff:g}{floor_note}"),
-        (lowering.cosine_min >= cos_min,
-         f"lowering: minimum cosine {lowering.cosine_min:.6f} is below {cos_min:.6f}, "
-         f"parity.lowering_cosine_min {spec.lowering_cosine_min:g}{floor_note}"),
-        (lowering.top1_agreement >= top1_min,
-         f"lowering: top-1 agreement {lowering.top1_agreement:.2%} is below {top1_min:.2%}, "
-         f"parity.lowering_top1_min {spec.lowering_top1_min:.2%}{floor_note}"),
-        (quality.top1_agreement >= spec.quality_top1_min,
-         f"quality: top-1 agreement with the float model {quality.top1_agreement:.2%} "
-         f"is below parity.quality_top1_min {spec.quality_top1_min:.2%}"),
-        (quality.kl_mean <= spec.quality_kl_mean_max,
-         f"quality: mean KL divergence from the float model {quality.kl_mean:.4g} "
-         f"exceeds parity.quality_kl_mean_max {spec.quality_kl_mean_max:g}"),
-        (greedy_report.exact_match_rate >= spec.greedy_exact_match_min,
-         f"greedy: exact-match rate {greedy_report.exact_match_rate:.2%} "
-         f"is below parity.greedy_exact_match_min {spec.greedy_exact_match_min:.2%}"),
-        (tokenizer.mismatches == 0,
-         f"tokenizer: {tokenizer.mismatches} of {tokenizer.texts} texts encode or decode differently "
-         "with the shipped tokenizer"),
-    ]
-    return [message for ok, message in checks if not ok]
+    return [check.message for check in gate_checks(spec, lowering, quality, greedy_report, tokenizer)
+            if not check.passed]
 
 
 def tokenizer_parity(source, shipped_encode: Callable[[str], list[int]], shipped_decode: Callable[[list[int]], str],

@@ -19,7 +19,7 @@ from exporter.backends import get_backend
 from exporter.backends.base import STATIC_SCALES, check_recipe
 from exporter.devices import Device, get_device
 from exporter.errors import ArtifactError, OutputError, RecgptError, StageError, UsageError
-from exporter.manifest import MANIFEST_VERSION, ArtifactManifest, ModelFacts, TargetFacts
+from exporter.manifest import EXPORT_LOG, MANIFEST_VERSION, ArtifactManifest, ExportLog, ModelFacts, TargetFacts
 from exporter.memory import release_memory
 from exporter.recipe_io import recipe_to_dict
 from exporter.records import write_json_atomic
@@ -122,16 +122,15 @@ def export(recipe: ExportRecipe, *, out_dir: Path, model: str | None = None, ada
             # NFC normalizer), and the device must run what training ran.
             loaded.tokenizer.save_pretrained(tmp)
             manifest = ArtifactManifest(
-                manifest_version=MANIFEST_VERSION, name=recipe.name, created=art.now_iso(),
-                recipe=recipe_to_dict(recipe), model=facts,
+                manifest_version=MANIFEST_VERSION, name=recipe.name, recipe=recipe_to_dict(recipe), model=facts,
                 target=TargetFacts(name=backend.name, info=lowered.target_info),
                 roles={**lowered.roles, "tokenizer": "tokenizer.json"},
                 io_signature=lowered.io_signature, quantization=quantized.summary.to_dict(),
-                environment=art.environment(),
-                timings_s={**timings, **{f"lower.{k}": round(v, 3) for k, v in lowered.timings_s.items()}},
-                files=art.file_table(tmp),
+                environment=art.environment(), files=art.file_table(tmp),
             )
             write_json_atomic(tmp / art.MANIFEST, manifest)
+        stage_times = {**timings, **{f"lower.{k}": round(v, 3) for k, v in lowered.timings_s.items()}}
+        write_json_atomic(tmp / EXPORT_LOG, ExportLog(created=art.now_iso(), timings_s=stage_times))
     return out_dir
 
 
@@ -143,7 +142,7 @@ def recipe_of(artifact) -> ExportRecipe:
 
 def verify(folder: Path, *, model: str | None = None, device: str | Device = "host", prompts: int | None = None,
            decode_steps: int | None = None, greedy_tokens: int | None = None, eval_set: str | None = None,
-           sessions: int | None = None, progress: Progress = _quiet) -> ParityReport:
+           sessions: int | None = None, progress: Progress = _quiet, report_file: str = PARITY_FILE) -> ParityReport:
     """Run every parity check on an artifact; write DIR/parity.json and return the report.
 
     ``device``: where the artifact runs (exporter/devices). A device without this tool's
@@ -151,7 +150,8 @@ def verify(folder: Path, *, model: str | None = None, device: str | Device = "ho
     artifact's host run (``device_vs_host``). ``prompts`` / ``decode_steps`` / ``greedy_tokens`` override the
     recipe's parity budget (an emulator is slow); the report records what ran. ``eval_set``
     ("builtin" or a JSONL file; default the recipe's task.eval) adds the task section: the
-    float model's next queries against the artifact's, on ``sessions`` sessions."""
+    float model's next queries against the artifact's, on ``sessions`` sessions. ``report_file``:
+    the report's name in the folder (`build` keeps one per device)."""
     from exporter.load import load_model, weights_digest
     from exporter.parity import (
         check_parity,
@@ -250,12 +250,12 @@ def verify(folder: Path, *, model: str | None = None, device: str | Device = "ho
                      compared=replace(report.compared, device=device_facts.name,
                                       runtime=device_facts.runtime or backend.runtime_name(),
                                       environment=art.environment(), artifact=artifact.manifest.name))
-    write_json_atomic(Path(folder) / PARITY_FILE, report)
+    write_json_atomic(Path(folder) / report_file, report)
     return report
 
 
 def bench(folder: Path, *, runs: int | None = None, warmup: int | None = None, threads: int | None = None,
-          device: str | Device = "host", progress: Progress = _quiet) -> BenchReport:
+          device: str | Device = "host", progress: Progress = _quiet, report_file: str = BENCH_FILE) -> BenchReport:
     from exporter.bench import run_bench
 
     artifact = art.read_artifact(folder)
@@ -263,7 +263,7 @@ def bench(folder: Path, *, runs: int | None = None, warmup: int | None = None, t
     overrides = {k: v for k, v in dict(runs=runs, warmup=warmup, threads=threads).items() if v is not None}
     spec = replace(spec, **overrides)
     report = run_bench(artifact, get_backend(artifact.target), spec, get_device(device), progress=progress)
-    write_json_atomic(Path(folder) / BENCH_FILE, report)
+    write_json_atomic(Path(folder) / report_file, report)
     return report
 
 

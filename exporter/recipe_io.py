@@ -129,6 +129,12 @@ def _build_target(raw: Any, path: str) -> TargetSpec:
     return TargetSpec(name=name, options=_build(options_class, raw.get(name, {}), f"{path}.{name}"))
 
 
+def table_to_record(cls: type, raw: Any, path: str = "") -> Any:
+    """Any frozen dataclass of plain fields from a TOML table, as strictly as a recipe (unknown
+    keys with a did-you-mean, wrong types and missing keys refused with their dotted path)."""
+    return _build(cls, raw, path)
+
+
 def _build(cls: type, raw: Any, path: str) -> Any:
     where = path or "recipe"
     if cls is TargetSpec:

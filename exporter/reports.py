@@ -67,6 +67,12 @@ class QualityMetrics:
     ppl_reference: float | None = None
     ppl_candidate: float | None = None
     heldout_tokens: int | None = None
+    # For plots (report.html): KL at every position scored (prompt-major), and KL and top-1
+    # agreement per teacher-forced decode step, averaged over the prompts.
+    kl_by_position: tuple[float, ...] = ()
+    kl_by_step: tuple[float, ...] = ()
+    top1_by_step: tuple[float, ...] = ()
+    steps_per_prompt: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)

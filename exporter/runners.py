@@ -29,13 +29,20 @@ class ContextFullError(UsageError):
     """A prompt plus generation that does not fit the artifact's static KV cache."""
 
 
+NATIVE_LOGS_ENV = "RECGPT_NATIVE_LOGS"  # "1": the runtimes' C++ logs stay on stderr
+
+
 @contextlib.contextmanager
 def quiet_native_stderr():
     """Silence C++ logging on file descriptor 2 for one call.
 
     ExecuTorch's eager wrappers of llama::custom_sdpa log "No temp allocator provided" on
     every call, thousands of lines per verify. Python exceptions are unaffected: they are
-    raised, not written to fd 2, inside this block."""
+    raised, not written to fd 2, inside this block. ``--debug`` keeps them
+    (RECGPT_NATIVE_LOGS=1, inherited by worker processes)."""
+    if os.environ.get(NATIVE_LOGS_ENV) == "1":
+        yield
+        return
     try:
         fd = sys.stderr.fileno()
     except (AttributeError, OSError, ValueError):  # captured stderr (pytest, CliRunner)

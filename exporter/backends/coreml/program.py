@@ -18,6 +18,7 @@ import numpy as np
 
 from exporter.backends.coreml.compress import Compressed
 from exporter.backends.coreml.options import COMPUTE_UNITS, CoreMLOptions
+from exporter.backends.coreml.reproducible import normalise_package
 from exporter.errors import RecipeError, require
 from exporter.manifest import ModelFacts
 from exporter.runners import quiet_native_stderr
@@ -74,6 +75,7 @@ def build_package(lm, compressed: dict[str, Compressed], *, recipe, model: Model
         package.user_defined_metadata[key] = value
     package.short_description = "recgpt-export stateful decoder: tokens, input_pos -> last-token logits"
     package.save(str(out_dir / PACKAGE_DIR))
+    normalise_package(out_dir / PACKAGE_DIR)  # the same model gives the same bytes
     for path in (out_dir / PACKAGE_DIR).rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)  # coremltools writes the spec 0600
     timings["compress_save_s"] = time.perf_counter() - t0

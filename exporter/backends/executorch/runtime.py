@@ -10,7 +10,7 @@ import numpy as np
 
 from exporter.backends.base import RunTiming
 from exporter.errors import require
-from exporter.runners import ChunkedRunner
+from exporter.runners import ChunkedRunner, quiet_native_stderr
 
 EXTRA = "executorch"
 
@@ -27,9 +27,11 @@ def import_runtime():
 
 def device_tokenizer(path: Path):
     """encode/decode with the C++ HF tokenizer that ExecuTorch's LLM runner uses on device."""
-    tokenizers = require("pytorch_tokenizers", EXTRA)
+    with quiet_native_stderr():  # its static initialisers log on import
+        tokenizers = require("pytorch_tokenizers", EXTRA)
     tok = tokenizers.CppHFTokenizer()
-    tok.load(str(path))
+    with quiet_native_stderr():  # "I tokenizers:regex.cpp:40] Registering override fallback regex"
+        tok.load(str(path))
     fallback = []
 
     def decode(ids) -> str:
@@ -44,7 +46,11 @@ def device_tokenizer(path: Path):
                 fallback.append(Tokenizer.from_file(str(path)))
             return fallback[0].decode(list(ids), skip_special_tokens=False)
 
-    return (lambda text: list(tok.encode(text, 0, 0))), decode
+    def encode(text: str) -> list[int]:
+        with quiet_native_stderr():  # the first encode logs its regex fallback
+            return list(tok.encode(text, 0, 0))
+
+    return encode, decode
 
 
 class LLMRunnerSession:
@@ -68,19 +74,21 @@ class LLMRunnerSession:
         self.encode, self.decode = device_tokenizer(tokenizer)  # what the runner tokenizes with
         # Load time: the runner maps the program and tokenizer, then its first call loads the
         # method (XNNPACK weight packing happens here); Python imports are not counted.
-        t0 = time.perf_counter()
-        self.runner = TextLLMRunner(str(program), str(tokenizer))
-        self.runner.generate("warm", GenerationConfig(max_new_tokens=1, temperature=0.0, echo=False))
-        self.load_ms = (time.perf_counter() - t0) * 1e3
+        with quiet_native_stderr():  # the runtime's cpuinfo and loader log lines
+            t0 = time.perf_counter()
+            self.runner = TextLLMRunner(str(program), str(tokenizer))
+            self.runner.generate("warm", GenerationConfig(max_new_tokens=1, temperature=0.0, echo=False))
+            self.load_ms = (time.perf_counter() - t0) * 1e3
 
     def run(self, text: str, *, max_new_tokens: int) -> RunTiming:
         stats = {}
         self.runner.reset()
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        self.runner.generate(text, self._config(max_new_tokens=max_new_tokens, temperature=0.0, echo=False),
-                             stats_callback=lambda s: stats.setdefault("s", s))
-        wall = time.perf_counter() - wall0
-        cpu = time.process_time() - cpu0
+        with quiet_native_stderr():  # redirected outside the timed window
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            self.runner.generate(text, self._config(max_new_tokens=max_new_tokens, temperature=0.0, echo=False),
+                                 stats_callback=lambda s: stats.setdefault("s", s))
+            wall = time.perf_counter() - wall0
+            cpu = time.process_time() - cpu0
         s = stats["s"]
         # The runner's own timers tick in whole milliseconds: too coarse for a small model's
         # prefill. With max_new_tokens=1 the call is tokenize + prefill + first sample, which is
@@ -101,14 +109,16 @@ class ExecuTorchRunner(ChunkedRunner):
 
         super().__init__("executorch", max_prefill_len=max_prefill_len, max_seq_len=max_seq_len)
         self._torch = torch
-        self.program = runtime.Runtime.get().load_program(Path(pte))
-        self.method = self.program.load_method("forward")
+        with quiet_native_stderr():  # cpuinfo's "Reading file /sys/devices/..." lines
+            self.program = runtime.Runtime.get().load_program(Path(pte))
+            self.method = self.program.load_method("forward")
 
     def _step(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:
         torch = self._torch
-        out = self.method.execute([
-            torch.tensor([list(tokens)], dtype=torch.long), torch.tensor([start_pos], dtype=torch.long),
-        ])
+        with quiet_native_stderr():
+            out = self.method.execute([
+                torch.tensor([list(tokens)], dtype=torch.long), torch.tensor([start_pos], dtype=torch.long),
+            ])
         return out[0][0].float().numpy().copy()
 
     def constant(self, name: str):
