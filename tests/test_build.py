@@ -92,6 +92,20 @@ def test_a_second_build_keeps_what_is_up_to_date(release, cli):
     assert before == {p: p.stat().st_mtime_ns for p in (root / "dist").rglob("manifest.json")}
 
 
+def test_an_interrupted_build_resumes_with_what_did_not_finish(release, cli, tmp_path):
+    """An artifact without build.json (the build stopped before its end) is built again; the
+    finished ones are kept."""
+    import shutil
+
+    root, matrix, _ = release
+    dist = tmp_path / "dist"
+    shutil.copytree(root / "dist", dist)
+    (dist / "tiny--onnx-fp32" / "build.json").unlink()
+    code, _, err = cli("build", matrix, "--out", dist)
+    assert code == 0 and err.count("up to date") == 2 and "tiny--onnx-fp32 export: lower" in err
+    assert artifact_files(dist) == artifact_files(root / "dist")
+
+
 def test_the_same_matrix_built_again_elsewhere_has_the_same_bytes(release, cli, tmp_path):
     """Every file of every artifact, on each target, in another folder and at another time."""
     root, matrix, _ = release
