@@ -67,17 +67,33 @@ def run_bench(artifact, backend, spec, device: Device, *, progress=lambda s: Non
     prefill = {str(n): PrefillCase(prompt_tokens=case["prompt_tokens"], prefill_tok_s=Spread.of(case["prefill_tok_s"]),
                                    ttft_ms=Spread.of(case["ttft_ms"])) for n, case in raw["prefill"].items()}
     longest = prefill[str(max(spec.prompt_lengths))]
+    decode = Spread.of(raw["decode"]["decode_tok_s"])
     return BenchReport(
         artifact=manifest.name, device=info.label, runtime=info.runtime or backend.runtime_name(),
         threads=raw["threads"], prefill=prefill,
-        decode_tok_s=Spread.of(raw["decode"]["decode_tok_s"]), decode_tokens=raw["decode"]["generated"],
+        decode_tok_s=decode, decode_tokens=raw["decode"]["generated"],
         decode_cpu_s=Spread.of(raw["decode"]["cpu_s"]), decode_wall_s=Spread.of(raw["decode"]["wall_s"]),
         load_ms=raw["load_ms"], peak_rss_mb=raw["peak_rss_mb"], baseline_rss_mb=raw["baseline_rss_mb"],
         artifact_mb=sum(entry.bytes for entry in manifest.files.values()) / 1e6,
         bytes_per_decoded_token=bytes_per_decoded_token(manifest),
         environment=art.environment(), prefill_tok_s=longest.prefill_tok_s, ttft_ms=longest.ttft_ms,
         device_facts=info, prefix_ttft=_prefix_report(raw.get("prefix")),
+        unstable=unstable_figures({"decode_tok_s": decode, "prefill_tok_s": longest.prefill_tok_s,
+                                   "ttft_ms": longest.ttft_ms}),
     )
+
+
+# Runs of one figure further apart than this (max - min over the median) are flagged: the same
+# .pte benched a minute apart here gave 167 and 318 decode tok/s (issue 20), while a quiet
+# machine keeps runs within a few percent.
+UNSTABLE_RANGE = 0.15
+
+
+def unstable_figures(figures: dict[str, Spread]) -> tuple[str, ...]:
+    """One sentence per figure whose runs spread wider than UNSTABLE_RANGE."""
+    return tuple(f"{name}: runs {spread.min:.4g} to {spread.max:.4g} ({spread.relative_range:.0%} of the median "
+                 f"{spread.median:.4g}, {spread.runs} runs)" for name, spread in figures.items()
+                 if spread.runs >= 2 and spread.relative_range > UNSTABLE_RANGE)
 
 
 def _prefix_report(raw: dict | None) -> PrefixTTFT | None:

@@ -256,6 +256,9 @@ def bench(
                           f"prefills once in {prefix.prefix_prefill_ms:.0f} ms")
     out_console.print(f"decode CPU {report.decode_cpu_s.median:.2f} s over {report.decode_wall_s.median:.2f} s wall "
                       f"(median run)")
+    for sentence in report.unstable:
+        out_console.print(f"[bold yellow]unstable[/bold yellow]: {escape(sentence)}; not a figure to compare: stop "
+                          "other work on the machine, or rerun with more --runs", highlight=False, soft_wrap=True)
     out_console.print(f"load {report.load_ms:.0f} ms | peak RSS {report.peak_rss_mb:.0f} MB | "
                       f"artifact {report.artifact_mb:.1f} MB | "
                       f"~{report.bytes_per_decoded_token / 1e6:.1f} MB read per decoded token")
@@ -467,6 +470,8 @@ def render_build(index, out: Path) -> None:
         for failure in e.failures:
             out_console.print(f"[bold red]FAIL[/bold red] {escape(e.id)}: {escape(failure)}", highlight=False,
                               soft_wrap=True)
+        for note in e.notes:
+            out_console.print(f"[yellow]note[/yellow] {escape(e.id)}: {escape(note)}", highlight=False, soft_wrap=True)
         if e.error:
             out_console.print(f"[bold yellow]ERROR[/bold yellow] {escape(e.id)} at {e.stage}: {escape(e.error)}",
                               highlight=False, soft_wrap=True)

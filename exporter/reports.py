@@ -169,6 +169,11 @@ class Spread:
         return cls(median=statistics.median(samples), min=min(samples), max=max(samples), runs=len(samples),
                    samples=tuple(samples))
 
+    @property
+    def relative_range(self) -> float:
+        """(max - min) / median: how far apart the runs were."""
+        return (self.max - self.min) / self.median if self.median else 0.0
+
 
 @dataclass(frozen=True, kw_only=True)
 class PrefillCase:
@@ -215,3 +220,6 @@ class BenchReport:
     ttft_ms: Spread
     device_facts: DeviceInfo | None = omitted_when_none()
     prefix_ttft: PrefixTTFT | None = omitted_when_none()  # when the artifact records a prompt prefix
+    # The figures whose runs spread more than bench.UNSTABLE_RANGE apart, one sentence each: a
+    # perf check must not compare such a median (bench.json before 2026-12-04 has none).
+    unstable: tuple[str, ...] = ()

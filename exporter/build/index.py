@@ -63,6 +63,7 @@ class ArtifactEntry:
     error: str = ""  # the stage error, when result is error
     stage: str = ""  # the stage that failed
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per stage of the build that made it
+    notes: tuple[str, ...] = ()  # what is not a gate but a reader must know: bench figures too unstable to compare
 
 
 @dataclass(frozen=True, kw_only=True)

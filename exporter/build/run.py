@@ -41,7 +41,7 @@ from exporter.build.index import (
 )
 from exporter.build.matrix import BuildPlan, MatrixFile, PlannedArtifact, slug
 from exporter.build.resources import ExportNeed, available_bytes, export_need, most_jobs, parameters_of
-from exporter.errors import RecgptError, UsageError
+from exporter.errors import RecgptError, StageError, UsageError
 from exporter.records import write_json_atomic
 
 # (artifact id, message): one line per artifact and stage.
@@ -252,13 +252,22 @@ def prove_artifact(artifact: PlannedArtifact, matrix: MatrixFile, out: Path, inp
             gates.extend(gates_of(report, pipeline.recipe_of(read_artifact(folder, check_hashes=False)), name))
             failures.extend(f"{name}: {failure}" for failure in report.failures)
             figures.update(parity_figures(report, device))
-    except RecgptError as exc:
+    except Exception as exc:  # noqa: BLE001 - one artifact's failure, of any kind, must not lose the others
+        if not isinstance(exc, RecgptError):
+            exc = unexpected(exc, stage)
         if stage == "export" and folder.exists() and read_entry(folder) is not None:
             shutil.rmtree(folder)  # an older build of it; the index now says it did not build
         return _entry(artifact, inputs, folder, result=ERROR, gates=gates, failures=failures, figures=figures,
                       reports=reports, matrix=matrix, seconds=seconds, error=str(exc), stage=stage)
     return _entry(artifact, inputs, folder, result=FAILED if failures else PASSED, gates=gates, failures=failures,
                   figures=figures, reports=reports, matrix=matrix, seconds=seconds)
+
+
+def unexpected(exc: Exception, stage: str) -> StageError:
+    """A failure we did not foresee (a bug): recorded like a StageError, so the build goes on
+    and exits 8; `recgpt-export --debug` on that artifact's command shows the traceback."""
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return StageError(f"stage {stage} failed: {type(exc).__name__}: {first_line}", stage=stage)
 
 
 def report_name(kind: str, device: str) -> str:
@@ -277,8 +286,9 @@ def _entry(artifact: PlannedArtifact, inputs: Inputs, folder: Path, *, result: s
         files = {**manifest.files, MANIFEST: FileEntry(sha256=sha256_file(folder / MANIFEST),
                                                        bytes=(folder / MANIFEST).stat().st_size)}
         files = dict(sorted(files.items()))
-    return ArtifactEntry(id=artifact.id, result=result, model=inputs.model, recipe=name, recipe_ref=artifact.recipe_ref,
-                         overrides=artifact.overrides, target=target, build_key=inputs.key, files=files,
+    return ArtifactEntry(id=artifact.id, result=result, model=inputs.model, recipe=name,
+                         recipe_ref=artifact.recipe_ref, overrides=artifact.overrides, target=target,
+                         build_key=inputs.key, files=files,
                          bytes=sum(f.bytes for f in files.values()), gates=tuple(gates), failures=tuple(failures),
                          figures=figures, reports=tuple(reports), devices=matrix.devices,
                          environment=environment(), error=error, stage=stage, seconds=seconds)
@@ -325,12 +335,14 @@ def bench_artifact(entry: ArtifactEntry, folder: Path, matrix: MatrixFile, stage
     t0 = time.perf_counter()
     try:
         report = pipeline.bench(folder, progress=lambda message: stage_line(entry.id, f"bench: {message}"))
-    except RecgptError as exc:
-        return replace(entry, result=ERROR, error=str(exc), stage="bench")
+    except Exception as exc:  # noqa: BLE001 - as in prove_artifact
+        error = exc if isinstance(exc, RecgptError) else unexpected(exc, "bench")
+        return replace(entry, result=ERROR, error=str(error), stage="bench")
     figures = {**entry.figures, "decode_tok_s": report.decode_tok_s.median,
                "prefill_tok_s": report.prefill_tok_s.median, "ttft_ms": report.ttft_ms.median,
                "peak_rss_mb": report.peak_rss_mb, "artifact_mb": report.artifact_mb}
     if report.prefix_ttft is not None:
         figures["prefix_ttft_ms"] = report.prefix_ttft.cached_ttft_ms.median
     return replace(entry, figures=figures, reports=(*entry.reports, "bench.json"),
+                   notes=(*entry.notes, *(f"bench.json: unstable {sentence}" for sentence in report.unstable)),
                    seconds={**entry.seconds, "bench": round(time.perf_counter() - t0, 1)})
