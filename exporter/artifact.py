@@ -169,10 +169,28 @@ def read_artifact(folder: str | Path, *, check_hashes: bool = True) -> Artifact:
     except (RecordError, ValueError, KeyError, TypeError) as exc:
         raise ArtifactError(f"{manifest_path}: {exc}", hint="export the artifact again with this version") from exc
     if check_hashes:
-        for rel, entry in manifest.files.items():
-            path = folder / rel
-            if not path.is_file():
-                raise ArtifactError(f"{folder}: {rel} is listed in the manifest but missing")
-            if path.stat().st_size != entry.bytes or sha256_file(path) != entry.sha256:
-                raise ArtifactError(f"{folder}: {rel} does not match its sha256 in the manifest (modified or corrupt)")
+        problem = file_mismatch(folder, manifest.files)
+        if problem is not None:
+            raise ArtifactError(f"{folder}: {problem}")
     return Artifact(folder, manifest)
+
+
+def file_mismatch(folder: Path, files: dict[str, FileEntry]) -> str | None:
+    """The first listed file that is missing or differs from its size and sha256, as a clause."""
+    for rel, entry in files.items():
+        path = Path(folder) / rel
+        if not path.is_file():
+            return f"{rel} is listed in the manifest but missing"
+        if path.stat().st_size != entry.bytes or sha256_file(path) != entry.sha256:
+            return f"{rel} does not match its sha256 in the manifest (modified or corrupt)"
+    return None
+
+
+def content_files(folder: Path) -> dict[str, FileEntry]:
+    """Every file of an artifact's content with its sha256 and size: the manifest's table and
+    manifest.json itself (the run records beside them are not content)."""
+    folder = Path(folder)
+    manifest = read_artifact(folder, check_hashes=False).manifest
+    table = {**manifest.files, MANIFEST: FileEntry(sha256=sha256_file(folder / MANIFEST),
+                                                   bytes=(folder / MANIFEST).stat().st_size)}
+    return dict(sorted(table.items()))

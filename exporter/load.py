@@ -300,10 +300,15 @@ def gguf_architecture(path: Path) -> str:
 
 def weights_digest(checkpoint_dir: Path) -> str:
     """One sha256 over the safetensors files of a checkpoint (names and contents)."""
+    return files_digest(checkpoint_dir.glob("*.safetensors"))
+
+
+def files_digest(files) -> str:
+    """One sha256 over files' names and contents, in name order."""
     from exporter.artifact import sha256_file
 
     h = hashlib.sha256()
-    for file in sorted(checkpoint_dir.glob("*.safetensors")):
+    for file in sorted(files):
         h.update(file.name.encode())
         h.update(bytes.fromhex(sha256_file(file)))
     return h.hexdigest()

@@ -26,7 +26,7 @@ class CheckResult:
 
 def check(dist: Path, artifact_id: str | None, progress: Callable[[str], None]) -> CheckResult:
     from exporter import pipeline
-    from exporter.artifact import MANIFEST, file_table, read_artifact, sha256_file
+    from exporter.artifact import content_files, read_artifact
     from exporter.recipe_io import recipe_from_dict
 
     index = read_index(dist)
@@ -36,8 +36,7 @@ def check(dist: Path, artifact_id: str | None, progress: Callable[[str], None]) 
     try:
         rebuilt = pipeline.export(recipe_from_dict(manifest.recipe), out_dir=scratch / entry.id,
                                   model=entry.model.source, adapter=entry.model.adapter or None, progress=progress)
-        table = {rel: e.sha256 for rel, e in file_table(rebuilt).items()}
-        table[MANIFEST] = sha256_file(rebuilt / MANIFEST)
+        table = {rel: e.sha256 for rel, e in content_files(rebuilt).items()}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     published = {rel: e.sha256 for rel, e in entry.files.items()}

@@ -82,13 +82,9 @@ def overall(entries: tuple[ArtifactEntry, ...] | list[ArtifactEntry]) -> str:
 
 def files_intact(folder: Path, entry: ArtifactEntry) -> bool:
     """Every file the entry lists is in ``folder`` with its size and sha256."""
-    from exporter.artifact import sha256_file
+    from exporter.artifact import file_mismatch
 
-    for rel, expected in entry.files.items():
-        path = Path(folder) / rel
-        if not path.is_file() or path.stat().st_size != expected.bytes or sha256_file(path) != expected.sha256:
-            return False
-    return True
+    return file_mismatch(folder, entry.files) is None
 
 
 def read_entry(folder: Path) -> ArtifactEntry | None:

@@ -150,14 +150,10 @@ def _checkpoint_digests(checkpoint: Path) -> tuple[str, str]:
 
 
 def _side_files_digest(checkpoint: Path) -> str:
-    from exporter.artifact import sha256_file
+    from exporter.load import files_digest
 
-    h = hashlib.sha256()
-    for path in sorted(p for p in checkpoint.iterdir() if p.is_file() and p.suffix in (".json", ".txt", ".model")
-                       and p.name != "SOURCE.json"):
-        h.update(path.name.encode())
-        h.update(bytes.fromhex(sha256_file(path)))
-    return h.hexdigest()
+    return files_digest(p for p in checkpoint.iterdir() if p.is_file() and p.suffix in (".json", ".txt", ".model")
+                        and p.name != "SOURCE.json")
 
 
 def _eval_digest(eval_set: str) -> str:
@@ -219,10 +215,10 @@ def prove_artifact(artifact: PlannedArtifact, matrix: MatrixFile, out: Path, inp
     import time
 
     from exporter import pipeline
-    from exporter.artifact import read_artifact
     from exporter.recipe_io import recipe_from_dict
 
     folder = out / artifact.id
+    recipe = recipe_from_dict(inputs.recipe)  # the manifest records this same resolved recipe
     seconds: dict[str, float] = {}
     reports: list[str] = []
     gates: list[GateValue] = []
@@ -231,7 +227,7 @@ def prove_artifact(artifact: PlannedArtifact, matrix: MatrixFile, out: Path, inp
     stage = "export"
     try:
         t0 = time.perf_counter()
-        pipeline.export(recipe_from_dict(inputs.recipe), out_dir=folder, model=inputs.model.source,
+        pipeline.export(recipe, out_dir=folder, model=inputs.model.source,
                         adapter=inputs.model.adapter or None, force=True,
                         progress=lambda message: stage_line(artifact.id, f"export: {message}"))
         seconds["export"] = round(time.perf_counter() - t0, 1)
@@ -249,7 +245,7 @@ def prove_artifact(artifact: PlannedArtifact, matrix: MatrixFile, out: Path, inp
                                      report_file=name)
             seconds[stage] = round(time.perf_counter() - t0, 1)
             reports.append(name)
-            gates.extend(gates_of(report, pipeline.recipe_of(read_artifact(folder, check_hashes=False)), name))
+            gates.extend(gates_of(report, recipe, name))
             failures.extend(f"{name}: {failure}" for failure in report.failures)
             figures.update(parity_figures(report, device))
     except Exception as exc:  # noqa: BLE001 - one artifact's failure, of any kind, must not lose the others
@@ -277,15 +273,10 @@ def report_name(kind: str, device: str) -> str:
 
 def _entry(artifact: PlannedArtifact, inputs: Inputs, folder: Path, *, result: str, gates, failures, figures,
            reports, matrix: MatrixFile, seconds, error: str = "", stage: str = "") -> ArtifactEntry:
-    from exporter.artifact import MANIFEST, environment, read_artifact, sha256_file
-    from exporter.manifest import FileEntry
+    from exporter.artifact import MANIFEST, content_files, environment
 
-    files, target, name = {}, inputs.recipe["target"]["name"], inputs.recipe["name"]
-    if (folder / MANIFEST).is_file():
-        manifest = read_artifact(folder, check_hashes=False).manifest
-        files = {**manifest.files, MANIFEST: FileEntry(sha256=sha256_file(folder / MANIFEST),
-                                                       bytes=(folder / MANIFEST).stat().st_size)}
-        files = dict(sorted(files.items()))
+    target, name = inputs.recipe["target"]["name"], inputs.recipe["name"]
+    files = content_files(folder) if (folder / MANIFEST).is_file() else {}
     return ArtifactEntry(id=artifact.id, result=result, model=inputs.model, recipe=name,
                          recipe_ref=artifact.recipe_ref, overrides=artifact.overrides, target=target,
                          build_key=inputs.key, files=files,
@@ -296,19 +287,17 @@ def _entry(artifact: PlannedArtifact, inputs: Inputs, folder: Path, *, result: s
 
 def gates_of(report, recipe, report_file: str) -> list[GateValue]:
     """Every gate ``report`` was judged on, with the limit the recipe set."""
+    from exporter.intent.task import task_check
     from exporter.parity import gate_checks, prefix_checks
 
     spec = recipe.parity
     checks = gate_checks(spec, report.lowering, report.quality, report.greedy, report.tokenizer)
     if report.prefix is not None:
         checks += prefix_checks(spec, report.lowering, report.prefix)
-    values = [GateValue(report=report_file, name=c.name, value=c.value, limit=c.limit, at_least=c.at_least,
-                        passed=c.passed) for c in checks]
     if report.task is not None:
-        agreed, limit = report.task.agreement_top1.value, recipe.task.agreement_min
-        values.append(GateValue(report=report_file, name="task.agreement_top1", value=agreed, limit=limit,
-                                at_least=True, passed=agreed >= limit))
-    return values
+        checks.append(task_check(report.task, recipe.task.agreement_min))
+    return [GateValue(report=report_file, name=c.name, value=c.value, limit=c.limit, at_least=c.at_least,
+                      passed=c.passed) for c in checks]
 
 
 def parity_figures(report, device: str) -> dict[str, float]:

@@ -169,11 +169,19 @@ def float_reference(loaded, facts, task, stop_ids: set[int]):
                       stop_ids=stop_ids))
 
 
+def task_check(task_report: TaskReport, agreement_min: float):
+    """The task gate: the artifact's top query equals the float model's at least this often."""
+    from exporter.parity import GateCheck
+
+    agreed = task_report.agreement_top1
+    return GateCheck(name="task.agreement_top1", value=agreed.value, limit=agreement_min, at_least=True,
+                     passed=agreed.value >= agreement_min,
+                     message=f"task: the artifact's top query equals the float model's in {agreed}, below "
+                             f"task.agreement_min {agreement_min:.2%}")
+
+
 def with_task(report, task_report: TaskReport, agreement_min: float):
     """The ParityReport with its task section, and the task gate's failure when it misses."""
-    failures = list(report.failures)
-    agreed = task_report.agreement_top1
-    if agreed.value < agreement_min:
-        failures.append(f"task: the artifact's top query equals the float model's in {agreed}, below "
-                        f"task.agreement_min {agreement_min:.2%}")
+    check = task_check(task_report, agreement_min)
+    failures = [*report.failures, *([] if check.passed else [check.message])]
     return replace(report, task=task_report, failures=tuple(failures), passed=not failures)
