@@ -175,7 +175,11 @@ def render_parity(report) -> None:
         for f in fields(metrics):
             value = getattr(metrics, f.name)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                table.add_row(section, f.name, f"{value:.6g}" if isinstance(value, float) else str(value))
+                shown = f"{value:.6g}" if isinstance(value, float) else str(value)
+                interval = getattr(metrics, f"{f.name.removesuffix('_agreement')}_interval", None)
+                if interval is not None:  # 95%, resampling whole prompts (stats.prompt_bootstrap)
+                    shown += f" [{interval[0]:.4g}, {interval[1]:.4g}]"
+                table.add_row(section, f.name, shown)
             elif isinstance(value, NoiseFloor):  # the reference against itself, slightly perturbed
                 for metric in ("max_abs_diff", "cosine_min", "top1_agreement"):
                     table.add_row(section, f"noise floor {metric}", f"{getattr(value, metric):.6g}")

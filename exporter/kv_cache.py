@@ -19,6 +19,7 @@ Two implementations of each half, chosen by the recipe (kv_cache.attention / cac
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -124,12 +125,43 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return codes, scales.to(torch.float32), zero_points.to(torch.int8)
 
 
+@contextlib.contextmanager
+def differentiable_attention(lm: nn.Module):
+    """Inside the block, ``lm``'s attention and cache writes are the portable aten ops (masked
+    SDPA, ``index_copy_``), which autograd differentiates: ExecuTorch's ``llama::`` ops have no
+    backward, so gradients would not reach q, k and v through them. The same math, up to
+    summation order; afterwards each module runs what it ran before."""
+    from exporter.errors import UnsupportedError
+
+    saved = []
+    for module in lm.modules():
+        if isinstance(module, Int8KVCache):
+            raise UnsupportedError("end-to-end tuning through an int8 KV cache: its attention has no gradient",
+                                   hint='tune with kv_cache.dtype = "float32", or remove [quant.tuning]')
+        if isinstance(module, CachedAttention) and module.attention != "sdpa":
+            saved.append((module, "attention", module.attention))
+            module.attention = "sdpa"
+            module.register_buffer("mask", torch.empty(module.max_seq_len, module.max_seq_len), persistent=False)
+            module.reset_buffers()
+        elif isinstance(module, StaticKVCache) and module.cache_update != "index_copy":
+            saved.append((module, "cache_update", module.cache_update))
+            module.cache_update = "index_copy"
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+            if name == "attention":
+                del module._buffers["mask"]
+
+
 class CachedAttention(nn.Module):
     """Causal attention of q ([1, seq, n_heads, head_dim]) over the cache, output [1, seq, n_heads*head_dim]."""
 
     def __init__(self, max_seq_len: int, n_heads: int, n_kv_heads: int, head_dim: int, *, attention: str) -> None:
         super().__init__()
         self.attention = attention
+        self.max_seq_len = max_seq_len
         self.scale = head_dim**-0.5
         if attention == "sdpa":
             self.register_buffer("mask", torch.empty(max_seq_len, max_seq_len), persistent=False)

@@ -29,6 +29,7 @@ from exporter.reports import (
 )
 from exporter.runners import ChunkedRunner, PerturbedRunner, PrefixCachedRunner, Runner, SequenceScorer, greedy
 from exporter.spec import ParitySpec
+from exporter.stats import prompt_bootstrap
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -87,8 +88,11 @@ def quality_metrics(candidate: np.ndarray, reference: np.ndarray, steps: int = 0
     agree = candidate.argmax(-1) == reference.argmax(-1)
     by_step = {}
     if steps and kl.shape[0] % steps == 0:
+        prompts = kl.shape[0] // steps
         by_step = dict(kl_by_step=_rounded(kl.reshape(-1, steps).mean(0)),
-                       top1_by_step=_rounded(agree.reshape(-1, steps).mean(0)), steps_per_prompt=steps)
+                       top1_by_step=_rounded(agree.reshape(-1, steps).mean(0)), steps_per_prompt=steps,
+                       top1_interval=_rounded(np.array(prompt_bootstrap(agree, prompts))),
+                       kl_mean_interval=_rounded(np.array(prompt_bootstrap(kl, prompts))))
     return QualityMetrics(kl_mean=float(kl.mean()), kl_p99=float(np.percentile(kl, 99)), kl_max=float(kl.max()),
                           top1_agreement=float(agree.mean()), positions=int(candidate.shape[0]),
                           kl_by_position=_rounded(kl), **by_step)

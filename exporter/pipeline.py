@@ -72,7 +72,7 @@ def export(recipe: ExportRecipe, *, out_dir: Path, model: str | None = None, ada
     from exporter.decoder import DecoderShape
     from exporter.intent.prompt import cached_prefix_ids
     from exporter.load import adapter_of, base_checkpoint, load_model, read_config, weights_digest, with_adapter
-    from exporter.quant.apply import float_decoder, quantize_decoder
+    from exporter.quant.apply import float_decoder, quantize_decoder, tuning_samples
     from exporter.quant.calibration import with_absolute_calibration
 
     check_recipe(recipe)
@@ -107,12 +107,13 @@ def export(recipe: ExportRecipe, *, out_dir: Path, model: str | None = None, ada
                                   prompt_prefix_ids=cached_prefix_ids(recipe.task, loaded.tokenizer))
         with Stage("quantize", backend.name, timings, progress):
             lm = float_decoder(loaded.model, recipe, backend)
+            samples = tuning_samples(lm, loaded, recipe.quant, progress)  # the float model writes their continuations
             # The float checkpoint is not needed past this point: the decoder holds its own
             # copy of the weights. Dropping it before quantizing takes one full copy of the
             # weights off the export's peak memory.
             loaded = replace(loaded, model=None)
             release_memory()
-            quantized = quantize_decoder(lm, loaded.tokenizer, recipe, backend, progress)
+            quantized = quantize_decoder(lm, loaded, recipe, backend, progress, samples=samples)
         release_memory()  # quantization's temporaries, before lowering's peak
         with Stage("lower", backend.name, timings, progress):
             lowered = backend.lower(lm, quantized, recipe=recipe, model=facts, out_dir=tmp, on_stage=progress)

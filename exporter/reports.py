@@ -73,6 +73,10 @@ class QualityMetrics:
     kl_by_step: tuple[float, ...] = ()
     top1_by_step: tuple[float, ...] = ()
     steps_per_prompt: int = 0
+    # 95% intervals of top1_agreement and kl_mean, resampling whole prompts (stats.prompt_bootstrap):
+    # the positions of one prompt share its context, so they are not independent draws.
+    top1_interval: tuple[float, float] | None = omitted_when_none()
+    kl_mean_interval: tuple[float, float] | None = omitted_when_none()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -32,3 +32,24 @@ def wilson(hits: int, n: int, z: float = 1.959964) -> Rate:
     low = 0.0 if hits == 0 else max(0.0, centre - half)  # exact at the ends, not 1 - 1e-16
     high = 1.0 if hits == n else min(1.0, centre + half)
     return Rate(hits=hits, n=n, low=low, high=high)
+
+
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0  # fixed: the same rows give the same interval in every report
+
+
+def prompt_bootstrap(values, groups: int, level: float = 0.95) -> tuple[float, float]:
+    """The ``level`` percentile interval of the mean of ``values`` (prompt-major, ``groups``
+    equal runs of rows, one per prompt) when whole prompts are resampled with replacement.
+
+    A prompt's positions share its context and move together, so a binomial interval over
+    positions would claim far more certainty than the prompts give; resampling prompts is
+    honest about it (and with one prompt, the interval is that prompt's mean alone)."""
+    import numpy as np
+
+    per_prompt = np.asarray(values, dtype=np.float64).reshape(groups, -1).mean(axis=1)
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    means = per_prompt[rng.integers(0, groups, size=(BOOTSTRAP_RESAMPLES, groups))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)

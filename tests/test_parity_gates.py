@@ -118,3 +118,24 @@ def test_greedy_logits_are_the_teacher_forced_logits_of_its_tokens(tiny_checkpoi
     continuation = greedy(runner, prompt, 9, eos_ids=set(), logits_seen=seen)
     assert len(continuation) == len(seen) == 9
     np.testing.assert_allclose(np.stack(seen), teacher_forced_logits(runner, prompt, continuation), rtol=0, atol=2e-5)
+
+
+def test_quality_intervals_resample_whole_prompts():
+    """A rate over positions that move together per prompt: the interval comes from the
+    prompts, not from the count of positions (a binomial interval would be far too narrow)."""
+    import numpy as np
+
+    from exporter.parity import quality_metrics
+    from exporter.stats import prompt_bootstrap
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(8 * 33, 16))
+    candidate = reference.copy()
+    candidate[:33] = rng.normal(size=(33, 16))  # the first prompt disagrees everywhere, the other 7 agree
+    metrics = quality_metrics(candidate, reference, steps=33)
+    low, high = metrics.top1_interval
+    assert low <= metrics.top1_agreement <= high
+    assert high - low > 0.2  # 1 prompt of 8 decides it; a Wilson interval on 264 positions would be ~0.08 wide
+    assert metrics.kl_mean_interval[0] <= metrics.kl_mean <= metrics.kl_mean_interval[1]
+    assert prompt_bootstrap(np.ones(40), 4) == (1.0, 1.0)  # every prompt alike: no spread to report
+    assert prompt_bootstrap(np.arange(40.0), 4) == prompt_bootstrap(np.arange(40.0), 4)  # seeded

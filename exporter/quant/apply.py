@@ -71,27 +71,43 @@ def build_quantized(loaded, recipe: ExportRecipe, backend: Quantizer):
     """The decoder with the recipe's cache and quantization applied, as the backend will
     store it, and the ``Quantized`` record."""
     lm = float_decoder(loaded.model, recipe, backend)
-    return lm, quantize_decoder(lm, loaded.tokenizer, recipe, backend)
+    return lm, quantize_decoder(lm, loaded, recipe, backend)
 
 
-def quantize_decoder(lm, tokenizer, recipe: ExportRecipe, backend: Quantizer,
-                     progress: Progress = _quiet) -> Quantized:
+def tuning_samples(lm, loaded, quant: QuantSpec, progress: Progress = _quiet) -> list[list[int]] | None:
+    """The token ids end-to-end tuning trains on (None when the recipe does not tune): the
+    calibration texts, each continued by the float model (``loaded.model``, transformers)."""
+    tuning = quant.tuning
+    if not tuning.steps:
+        return None
+    from exporter.quant.calibration import calibration_samples, calibration_texts
+    from exporter.quant.tuning import continued_samples
+
+    samples = calibration_samples(lm, loaded.tokenizer, calibration_texts(tuning, "quant.tuning.calibration"))
+    if tuning.generated_tokens:
+        progress(f"tune: the float model continues {len(samples)} calibration texts")
+        end = {loaded.tokenizer.eos_token_id} - {None}
+        samples = continued_samples(loaded.model, samples, tuning.generated_tokens, end, lm.max_seq_len, progress)
+    return samples
+
+
+def quantize_decoder(lm, loaded, recipe: ExportRecipe, backend: Quantizer, progress: Progress = _quiet,
+                     samples: list[list[int]] | None = None) -> Quantized:
     """Smooth, split the lm_head, quantize and tune ``lm`` in place (and calibrate a static
-    int8 KV cache's scales)."""
+    int8 KV cache's scales). ``loaded``: the checkpoint (load.LoadedModel) ``lm`` was built
+    from; ``samples``: what tuning trains on (tuning_samples), when the caller made them
+    already (export does, while it still holds the transformers model)."""
     from exporter.backends.base import STATIC_SCALES
 
+    tokenizer = loaded.tokenizer
     quant = resolve_indivisible(recipe.quant, backend)
     tuning = quant.tuning
     if tuning.steps:
-        from exporter.quant.calibration import calibration_samples, calibration_texts
-        from exporter.quant.tuning import continued_samples, float_log_probs
+        from exporter.quant.tuning import float_log_probs
 
-        tuning_samples = calibration_samples(lm, tokenizer, calibration_texts(tuning, "quant.tuning.calibration"))
-        if tuning.generated_tokens:
-            progress(f"tune: the float model continues {len(tuning_samples)} calibration texts")
-            end = {tokenizer.eos_token_id} - {None}
-            tuning_samples = continued_samples(lm, tuning_samples, tuning.generated_tokens, end)
-        tuning_targets = float_log_probs(lm, tuning_samples)  # from the float decoder, before anything changes it
+        if samples is None:
+            samples = tuning_samples(lm, loaded, quant, progress)
+        tuning_targets = float_log_probs(lm, samples)  # from the float decoder, before anything changes it
     smoothing = None
     if quant.smoothing.alpha > 0:
         from exporter.quant.smoothing import smooth_for_quantization
@@ -114,7 +130,7 @@ def quantize_decoder(lm, tokenizer, recipe: ExportRecipe, backend: Quantizer,
     if tuning.steps:
         from exporter.quant.tuning import tune
 
-        summary.tuning = tune(lm, backend.tunables(lm, quantized), tuning_samples, tuning_targets, tuning,
+        summary.tuning = tune(lm, backend.tunables(lm, quantized), samples, tuning_targets, tuning,
                               on_step=progress)
     if recipe.kv_cache.dtype == "int8" and backend.capabilities.int8_kv_cache == STATIC_SCALES:
         from exporter.prompts import CALIBRATION_TEXTS

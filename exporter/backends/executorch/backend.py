@@ -46,7 +46,7 @@ class ExecuTorchBackend(Backend):
         "palettize_4bit": "a Core ML storage format",
     }
     capabilities = Capabilities(
-        scale_search=True, lm_head_split=True,
+        scale_search=True, lm_head_split=True, tuning=True,
         # XNNPACK has no zero points; int4 linears carry theirs as offsets (quantizer.GroupOffsetLinear).
         asymmetric=frozenset({"int8_dynact_int4_weight"}),
         kv_caches=frozenset({FUSED_IN_PLACE, ("sdpa", "custom")}), int8_kv_cache=PER_TOKEN_SCALES,
@@ -65,6 +65,11 @@ class ExecuTorchBackend(Backend):
                 "kv_cache.cache_update = 'index_copy' builds a program that aborts the ExecuTorch 1.5.1 runtime; "
                 "use cache_update = 'custom' (kv_cache.attention may be 'sdpa' or 'custom_sdpa')"
             )
+        if recipe.quant.tuning.steps and recipe.kv_cache.dtype == "int8":
+            # llama::custom_quantized_sdpa has no backward (kv_cache.differentiable_attention).
+            raise UnsupportedError("quant.tuning with kv_cache.dtype = 'int8': the int8 cache's attention has no "
+                                   "gradient to tune through",
+                                   hint="set kv_cache.dtype = 'float32', or remove [quant.tuning]")
 
     def quantize(self, lm, quant, options: ExecuTorchOptions, *, grams=None) -> Quantized:
         """torchao quantization, with group scales rounded to bfloat16 as XNNPACK stores them
@@ -85,6 +90,11 @@ class ExecuTorchBackend(Backend):
         summary = apply_quantization(lm, quant, grams)
         round_group_scales(lm, torch.bfloat16)
         return Quantized(summary=summary)
+
+    def tunables(self, lm, quantized):
+        from exporter.backends.executorch.tuning import stored_scales
+
+        return stored_scales(lm)
 
     def lower(self, lm, quantized, *, recipe, model: ModelFacts, out_dir: Path, on_stage) -> LoweredProgram:
         from exporter.backends.executorch.program import PROGRAM_FILE, constant_methods, lower_to_pte

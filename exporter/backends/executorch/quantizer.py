@@ -256,16 +256,21 @@ def round_group_scales(model: nn.Module, dtype) -> int:
 
     rounded = 0
     for module in model.modules():
-        if not isinstance(module, nn.Linear):  # embeddings run outside XNNPACK with float32 scales
-            continue
-        weight = module.weight
-        block_size = getattr(weight, "block_size", None)
-        if block_size is None or block_size[-1] == weight.shape[-1]:
-            continue  # not quantized, or per-channel (XNNPACK keeps per-channel scales in float32)
-        with torch.no_grad():
-            weight.scale.copy_(weight.scale.to(dtype).to(weight.scale.dtype))
-        rounded += 1
+        if stores_bf16_scales(module):
+            weight = module.weight
+            with torch.no_grad():
+                weight.scale.copy_(weight.scale.to(dtype).to(weight.scale.dtype))
+            rounded += 1
     return rounded
+
+
+def stores_bf16_scales(module: nn.Module) -> bool:
+    """Whether XNNPACK stores ``module``'s scales as bfloat16: a group-wise quantized Linear.
+    Embeddings run outside XNNPACK with float32 scales, and per-channel scales stay float32."""
+    if not isinstance(module, nn.Linear):
+        return False
+    block_size = getattr(module.weight, "block_size", None)
+    return block_size is not None and block_size[-1] != module.weight.shape[-1]
 
 
 class ActQuantLinear(nn.Module):

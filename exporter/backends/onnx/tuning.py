@@ -9,36 +9,38 @@ from torch import nn
 
 from exporter.backends.onnx.blocks import BlockQuantized, centred_codes, dequantize
 from exporter.quant.plan import Quantized
+from exporter.quant.tuning import set_weight
 
 
 class BlockScales:
     """One stored block-quantized matrix (quant/tuning.py's Tunable): codes fixed, each
-    block's scale times ``exp(log_factor)``."""
+    block's scale times ``exp(log_factor)`` (float32, as MatMulNBits stores it)."""
 
     def __init__(self, blocks: BlockQuantized, modules: list[nn.Module], quantized: Quantized) -> None:
         self.blocks_before = blocks
         self.modules = modules
         self._quantized = quantized
-        # int16: half of float32's memory for this copy of every quantized weight.
-        self.centred = torch.from_numpy(centred_codes(blocks))
-        self.scales = torch.from_numpy(blocks.scales.copy())
-        self.log_factor = torch.zeros_like(self.scales, requires_grad=True)
+        self.width = blocks.shape[1]
+        centred = torch.from_numpy(centred_codes(blocks))
+        # 4-bit codes less their zero point fit int8: a quarter of float32's memory per weight.
+        self.centred = centred.to(torch.int8) if blocks.bits == 4 else centred
+        self._scales = torch.from_numpy(blocks.scales.copy())
+        self.log_factor = torch.zeros_like(self._scales, requires_grad=True)
 
-    def weight(self) -> torch.Tensor:
-        n, k = self.blocks_before.shape
-        tuned = self.centred.float() * (self.scales * torch.exp(self.log_factor))[..., None]
-        return tuned.reshape(n, -1)[:, :k]
+    def scales(self) -> torch.Tensor:
+        return self._scales * torch.exp(self.log_factor)
 
     def tuned_blocks(self) -> BlockQuantized:
         with torch.no_grad():
-            scales = (self.scales * torch.exp(self.log_factor)).float().numpy()
+            scales = self.scales().float().numpy()
         return replace(self.blocks_before, scales=scales)
 
-    def finish(self) -> torch.Tensor:
+    def finish(self) -> None:
         tuned = self.tuned_blocks()
+        weight = torch.from_numpy(dequantize(tuned))
         for module in self.modules:
             self._quantized.stored[module] = replace(self._quantized.stored[module], blocks=tuned)
-        return torch.from_numpy(dequantize(tuned))
+            set_weight(module, nn.Parameter(weight.clone(), requires_grad=False))
 
 
 def block_scales(lm: nn.Module, quantized: Quantized) -> list[BlockScales]:
