@@ -3,14 +3,18 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
-DEMO_RECIPE ?= smollm2-135m/executorch-xnnpack-int4
-DEMO_OUT ?= out/demo-smollm2-int4
-DEMO_ONNX_RECIPE ?= smollm2-135m/onnx-int4
-DEMO_ONNX_OUT ?= out/demo-smollm2-onnx-int4
+# int8 on both targets: what ships for this model. Its int4 artifacts lose the task (15 to 34
+# of 50 sessions agree; docs/benchmarks.md) and fail their gates, as they should.
+DEMO_RECIPE ?= smollm2-135m/executorch-xnnpack-int8
+DEMO_OUT ?= out/demo-smollm2-int8
+DEMO_ONNX_RECIPE ?= smollm2-135m/onnx-int8
+DEMO_ONNX_OUT ?= out/demo-smollm2-onnx-int8
 # The demo's model is the trained intent model (SmolLM2-135M-Instruct + the committed LoRA
 # adapter, merged); verify adds the task table on the first DEMO_SESSIONS eval sessions.
 DEMO_MODEL ?= builtin:smollm2-135m-intent
 DEMO_SESSIONS ?= 50
+# A session for generate: the artifact predicts the next query, as the app asks it.
+DEMO_SESSION ?= -b "search:无线蓝牙耳机" -b "click:华为 FreeBuds Pro 3 降噪耳机" -b "cart:耳机保护套"
 
 .PHONY: demo test device-test venv clean
 
@@ -29,17 +33,19 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: venv
+	rm -f out/demo-gates-failed
 	$(VENV)/bin/recgpt-export export $(DEMO_RECIPE) --model $(DEMO_MODEL) --out $(DEMO_OUT) --force
-	# A failed parity gate is the demo's finding, not a reason to skip the benchmark:
-	# the table and $(DEMO_OUT)/parity.json say which gate failed.
-	$(VENV)/bin/recgpt-export verify $(DEMO_OUT) --eval builtin --sessions $(DEMO_SESSIONS) || echo "demo: a parity gate failed (exit $$?); see $(DEMO_OUT)/parity.json"
+	# A failed gate does not stop the demo (bench and generate still run); the last line says which.
+	$(VENV)/bin/recgpt-export verify $(DEMO_OUT) --eval builtin --sessions $(DEMO_SESSIONS) || echo $(DEMO_OUT) >> out/demo-gates-failed
 	$(VENV)/bin/recgpt-export bench $(DEMO_OUT)
-	$(VENV)/bin/recgpt-export generate $(DEMO_OUT) --prompt "用户最近行为：搜索 无线蓝牙耳机；点击 降噪耳机。下一个搜索："
+	$(VENV)/bin/recgpt-export generate $(DEMO_OUT) $(DEMO_SESSION)
 	# The same model through the ONNX target (onnxruntime, onnxruntime-genai).
 	$(VENV)/bin/recgpt-export export $(DEMO_ONNX_RECIPE) --model $(DEMO_MODEL) --out $(DEMO_ONNX_OUT) --force
-	$(VENV)/bin/recgpt-export verify $(DEMO_ONNX_OUT) --eval builtin --sessions $(DEMO_SESSIONS) || echo "demo: a parity gate failed (exit $$?); see $(DEMO_ONNX_OUT)/parity.json"
+	$(VENV)/bin/recgpt-export verify $(DEMO_ONNX_OUT) --eval builtin --sessions $(DEMO_SESSIONS) || echo $(DEMO_ONNX_OUT) >> out/demo-gates-failed
 	$(VENV)/bin/recgpt-export bench $(DEMO_ONNX_OUT)
-	$(VENV)/bin/recgpt-export generate $(DEMO_ONNX_OUT) --prompt "用户最近行为：搜索 无线蓝牙耳机；点击 降噪耳机。下一个搜索："
+	$(VENV)/bin/recgpt-export generate $(DEMO_ONNX_OUT) $(DEMO_SESSION)
+	@if [ -s out/demo-gates-failed ]; then echo "demo: FAILED gates in $$(tr '\n' ' ' < out/demo-gates-failed)(each folder's parity.json says which)"; exit 1; \
+	else echo "demo: every gate of both targets passed ($(DEMO_OUT), $(DEMO_ONNX_OUT))"; fi
 
 test: venv
 	# Lint first (ruff, line length 119; pyproject.toml): seconds, and a finding fails the run.

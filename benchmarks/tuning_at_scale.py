@@ -1,8 +1,9 @@
 """Export time and peak memory of tuned recipes at the mission's size, on a seeded checkpoint.
 
 Writes a Qwen3 checkpoint of Qwen3-0.6B's shape (28 layers, hidden 1024, intermediate 3072,
-16 heads, 8 KV heads, head_dim 128, vocabulary 151936; seeded random weights, the tests'
-tiny tokenizer) unless it exists, then exports each recipe with ``recgpt-export export`` in
+16 heads, 8 KV heads, head_dim 128, vocabulary 151936; seeded random weights; the tokenizer of
+``--tokenizer``, a folder with a real one, so the calibration has a real model's token count,
+else the tests' tiny one) unless it exists, then exports each recipe with ``recgpt-export export`` in
 its own process, one after another, and reads each run's peak RSS (``/usr/bin/time -v``)
 and per-stage seconds (the artifact's export.json). Tuning's cost is a fixed part plus one
 part per step: ``--steps`` sets the recipe's step count (small is enough to measure both),
@@ -27,7 +28,7 @@ QWEN3_06B_SHAPE = dict(hidden_size=1024, intermediate_size=3072, num_hidden_laye
                        num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=4096)
 
 
-def write_checkpoint(folder: Path) -> Path:
+def write_checkpoint(folder: Path, tokenizer_dir: Path | None = None) -> Path:
     if (folder / "config.json").exists():
         return folder
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -36,7 +37,12 @@ def write_checkpoint(folder: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     shape = dict(QWEN3_06B_SHAPE)
-    tokenizer = train_tokenizer()
+    if tokenizer_dir is None:
+        tokenizer = train_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     config = tiny_config("qwen3", **shape)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -76,8 +82,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("out/tuning-at-scale"))
     parser.add_argument("--checkpoint", type=Path, help="default: OUT/qwen3-0.6b-shape (written when missing)")
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--tokenizer", type=Path, help="a folder with tokenizer files (e.g. an exported artifact's)")
     args = parser.parse_args()
-    checkpoint = write_checkpoint(args.checkpoint or args.out / "qwen3-0.6b-shape")
+    checkpoint = write_checkpoint(args.checkpoint or args.out / "qwen3-0.6b-shape", args.tokenizer)
     rows = [export_once(recipe, checkpoint, args.out / recipe.replace("/", "-"), args.steps)
             for recipe in args.recipes]
     result = {"checkpoint": str(checkpoint), "shape": QWEN3_06B_SHAPE, "runs": rows}

@@ -271,14 +271,18 @@ def bench(
 @app.command()
 def generate(
     folder: ArtifactDir,
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt text.")],
-    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate (greedy).")] = 64,
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Prompt text.")] = None,
+    behaviour: Annotated[list[str] | None, typer.Option(
+        "--behaviour", "-b", help="One event of a session, ACTION:TEXT (search, click, cart, buy, favorite), "
+                                  "repeated oldest first: prints the next query the artifact predicts.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate (greedy) after --prompt.")] = 64,
 ) -> None:
-    """Run the artifact greedily on a prompt and print the generated text."""
+    """Run the artifact greedily on a prompt and print the generated text; or, with --behaviour,
+    build the behaviour prompt of the recipe's [task] format and print the predicted next query."""
     from exporter.pipeline import generate as do_generate
 
-    out_console.print(run(lambda: do_generate(folder, prompt, max_new_tokens=max_new_tokens)), highlight=False,
-                      markup=False)
+    out_console.print(run(lambda: do_generate(folder, prompt, behaviours=behaviour or (),
+                                              max_new_tokens=max_new_tokens)), highlight=False, markup=False)
 
 
 @app.command()

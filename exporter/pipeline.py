@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -211,7 +211,7 @@ def verify(folder: Path, *, model: str | None = None, device: str | Device = "ho
             if backend.capabilities.int8_kv_cache == STATIC_SCALES:
                 # So would calibrating a static int8 cache's scales: they are adopted too.
                 reference_recipe = replace(reference_recipe, kv_cache=replace(recipe.kv_cache, dtype="float32"))
-        lm, quantized = build_quantized(loaded, reference_recipe, backend)
+        lm, quantized = build_quantized(loaded, reference_recipe, backend, progress)  # tuning again: its steps
         backend.prepare_reference(lm, quantized, artifact)
     with Stage("tokenizer", backend.name, timings, progress):
         encode, decode = backend.shipped_tokenizer(artifact)
@@ -268,19 +268,48 @@ def bench(folder: Path, *, runs: int | None = None, warmup: int | None = None, t
     return report
 
 
-def generate(folder: Path, prompt: str, *, max_new_tokens: int = 64) -> str:
+def generate(folder: Path, prompt: str | None = None, *, behaviours: Sequence[str] = (),
+             max_new_tokens: int = 64) -> str:
+    """The artifact's greedy continuation of ``prompt``; or, given ``behaviours`` ("ACTION:TEXT",
+    oldest first), the next query it predicts for that session: the behaviour prompt in the
+    recipe's [task] format, as verify's task section and the app build it, stopped at the end
+    of the query."""
     from exporter.runners import PrefixCachedRunner, greedy
 
     artifact = art.read_artifact(folder)
     backend = get_backend(artifact.target)
     encode, decode = backend.shipped_tokenizer(artifact)
     facts = artifact.manifest.model
-    ids = encode(prompt)
+    stop_ids = set(facts.eos_ids)
+    if behaviours:
+        from transformers import AutoTokenizer
+
+        from exporter.intent.prompt import behaviour_prompt_ids
+        from exporter.intent.task import task_stop_ids
+
+        task = recipe_of(artifact).task
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))  # the shipped files, with their chat template
+        ids = behaviour_prompt_ids([{"behaviours": [_behaviour(b) for b in behaviours]}], task, tokenizer)[0]
+        stop_ids, max_new_tokens = task_stop_ids(tokenizer, facts), task.max_new_tokens
+    elif prompt:
+        ids = encode(prompt)
+    else:
+        raise UsageError("give --prompt TEXT or --behaviour ACTION:TEXT (one per event, oldest first)")
     if not ids:
         raise UsageError("the prompt encodes to no tokens")
     budget = facts.max_seq_len - len(ids)
     if budget <= 0:
         raise UsageError(f"the prompt has {len(ids)} tokens; this artifact holds at most {facts.max_seq_len - 1}")
     runner = PrefixCachedRunner(backend.load_runner(artifact), facts.prompt_prefix_ids)
-    tokens = greedy(runner, ids, min(max_new_tokens, budget), set(facts.eos_ids))
-    return decode(tokens)
+    tokens = greedy(runner, ids, min(max_new_tokens, budget), stop_ids)
+    return decode([t for t in tokens if t not in stop_ids])
+
+
+def _behaviour(text: str) -> dict:
+    from exporter.intent.prompt import ACTION_TAGS
+
+    action, sep, what = text.partition(":")
+    if not sep or action not in ACTION_TAGS or not what.strip():
+        raise UsageError(f"--behaviour {text!r}: expected ACTION:TEXT with ACTION one of {', '.join(ACTION_TAGS)}",
+                         hint='e.g. --behaviour "search:无线蓝牙耳机" --behaviour "click:降噪耳机 头戴式"')
+    return {"action": action, "text": what.strip()}

@@ -294,3 +294,23 @@ def test_tuning_trains_bf16_scales_the_program_holds(tiny_checkpoints, tmp_path)
     assert record["trained"] == ["block scales", "norm weights"]
     assert record["calibration_kl_after"] < 0.8 * record["calibration_kl_before"]
     assert reports["tuned"].quality.kl_mean < reports["plain"].quality.kl_mean
+
+
+def test_generate_from_behaviours_predicts_the_next_query(fp32_artifact, cli, tiny_checkpoints, tmp_path):
+    """--behaviour builds the session's prompt in the recipe's [task] format (as verify's task
+    section does) and prints the query up to its stop token; a tokenizer without a chat
+    template and an event that is not ACTION:TEXT are one-line usage errors (exit 2)."""
+    from exporter.pipeline import export, generate
+    from exporter.recipe_io import load_recipe
+
+    code, _, err = cli("generate", fp32_artifact, "--behaviour", "search:耳机")
+    assert code == 2 and 'task.template = "chat", and the tokenizer has no chat template' in err
+    task = '[task]\ntemplate = "行为：\\n{behaviours}\\n查询："\nmax_new_tokens = 6\n'
+    folder = export(load_recipe(write_recipe(tmp_path / "r.toml", "tiny-qwen3-fp32-task", task)),
+                    out_dir=tmp_path / "art", model=str(tiny_checkpoints["qwen3"]))
+    code, out, _ = cli("generate", folder, "-b", "search:无线蓝牙耳机", "-b", "click:降噪耳机 白色")
+    assert code == 0
+    plain = generate(folder, "行为：\n[搜索] 无线蓝牙耳机\n[点击] 降噪耳机 白色\n查询：", max_new_tokens=6)
+    assert out.strip() and plain.startswith(out.rstrip("\n"))  # the same greedy tokens, stopped at the query's end
+    code, _, err = cli("generate", folder, "-b", "looked at:耳机")
+    assert code == 2 and "expected ACTION:TEXT with ACTION one of search, click" in err

@@ -118,6 +118,11 @@ def behaviour_prompt_ids(sessions: Sequence[dict], task, tokenizer, *, fits: int
     at most this many tokens (an artifact's cache), whatever the format's budget (a session
     whose newest event alone is longer is left out)."""
     fmt, encode, template = PromptFormat.of(task), encoder(tokenizer), chat_template_of(tokenizer)
+    if fmt.template == CHAT and template is None:
+        from exporter.errors import UsageError
+
+        raise UsageError('task.template = "chat", and the tokenizer has no chat template',
+                         hint='set task.template to a text with {behaviours}, e.g. "行为：{behaviours}\n下一个搜索："')
     if fits is not None and fits < fmt.budget:
         fmt = replace(fmt, budget=fits)
     prompts = [encode(build_prompt(session, fmt, encode=encode, apply_chat_template=template)[0])

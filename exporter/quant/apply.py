@@ -67,11 +67,11 @@ def float_decoder(hf_model, recipe: ExportRecipe, backend: Quantizer):
                          cache_dtype="int8" if per_token else "float32")
 
 
-def build_quantized(loaded, recipe: ExportRecipe, backend: Quantizer):
+def build_quantized(loaded, recipe: ExportRecipe, backend: Quantizer, progress: Progress = _quiet):
     """The decoder with the recipe's cache and quantization applied, as the backend will
     store it, and the ``Quantized`` record."""
     lm = float_decoder(loaded.model, recipe, backend)
-    return lm, quantize_decoder(lm, loaded, recipe, backend)
+    return lm, quantize_decoder(lm, loaded, recipe, backend, progress)
 
 
 def tuning_samples(lm, loaded, quant: QuantSpec, progress: Progress = _quiet) -> list[list[int]] | None:

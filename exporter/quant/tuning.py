@@ -13,7 +13,8 @@ from the float model's next-token distribution at every position of the calibrat
 
 Same storage, same kernels, same size and speed: only the float values change. A backend's
 run-time activation quantization is differentiated straight through (the rounding's
-gradient taken as 1). What it gains is measured in docs/targets/onnx.md.
+gradient taken as 1). What it gains is measured in docs/targets/onnx.md and
+docs/targets/executorch.md.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def continued_samples(float_model: nn.Module, samples: Sequence[Sequence[int]], 
     decode together, one batch (left-padded): a decode step is one pass over the weights
     whatever the batch, so this costs ``tokens`` steps, not ``tokens`` per sample (and a
     second process on the same cores slows a batch of small matrix products far less than
-    hundreds of single-token ones: docs/targets/onnx.md)."""
+    hundreds of single-token ones: docs/recipes.md, "End-to-end tuning")."""
     generator = torch.Generator().manual_seed(SAMPLING_SEED)
     rows = len(samples)
     width = max(len(ids) for ids in samples)
@@ -140,7 +141,7 @@ def tune(lm: nn.Module, tunables: Sequence[Tunable], samples: Sequence[Sequence[
     Memory: no float copy of the model's weights is held. Each quantized matrix is computed
     from its codes inside its own matmul, forward and again backward (``_DequantLinear``),
     so the float weights alive at once are one matrix's, in slices; the step's parameters are
-    the scales (one per group) and the norm weights (docs/targets/executorch.md)."""
+    the scales (one per group) and the norm weights (docs/recipes.md, "End-to-end tuning")."""
     norms = [module for module in lm.modules() if isinstance(module, RMSNorm)]
     norm_start = [module.weight.detach().clone() for module in norms]
     norm_factors = [torch.zeros_like(weight, requires_grad=True) for weight in norm_start]
@@ -169,7 +170,7 @@ def tune(lm: nn.Module, tunables: Sequence[Tunable], samples: Sequence[Sequence[
     # The step size that suits one model overshoots on another (a 0.5B checkpoint's KL doubled
     # on its first step at a rate that suits 135M): a step that raises the calibration KL is
     # undone and the rate halved for the rest of the run, so the result is the best point
-    # measured and the rate finds the model's own scale (docs/targets/onnx.md).
+    # measured and the rate finds the model's own scale (docs/recipes.md, "End-to-end tuning").
     best_kl, best = float("inf"), [value.detach().clone() for value in trained]
     best_grads: list[torch.Tensor | None] = []
     rate_scale, undone = 1.0, 0

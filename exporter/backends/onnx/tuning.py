@@ -26,6 +26,11 @@ class BlockScales:
         self.centred = centred.to(torch.int8) if blocks.bits == 4 else centred
         self._scales = torch.from_numpy(blocks.scales.copy())
         self.log_factor = torch.zeros_like(self._scales, requires_grad=True)
+        # While tuning, the modules compute from the codes (quant/tuning.py): their float copy
+        # of the weight is not read until finish() writes the tuned one (a model's worth of
+        # float32 off the export's peak).
+        for module in modules:
+            set_weight(module, nn.Parameter(torch.empty(0), requires_grad=False))
 
     def scales(self) -> torch.Tensor:
         return self._scales * torch.exp(self.log_factor)
