@@ -152,7 +152,9 @@ def test_bench_passes_overrides_and_renders_the_table(cli, calls, tmp_path):
 def test_generate_prints_the_text(cli, calls, tmp_path):
     calls.install("generate", "无线耳机 降噪")
     code, out, _ = cli("generate", tmp_path, "--prompt", "p", "--max-new-tokens", "5")
-    assert code == 0 and out.strip() == "无线耳机 降噪" and calls[0][2] == {"max_new_tokens": 5}
+    assert code == 0 and out.strip() == "无线耳机 降噪" and calls[0][2] == {"max_new_tokens": 5, "behaviours": ()}
+    code, _, _ = cli("generate", tmp_path, "-b", "search:耳机", "-b", "click:降噪耳机")
+    assert code == 0 and calls[1][2]["behaviours"] == ["search:耳机", "click:降噪耳机"]
 
 
 def test_recipes_list_and_show(cli):

@@ -107,11 +107,13 @@ def quantize_decoder(lm, loaded, recipe: ExportRecipe, backend: Quantizer, progr
 
         if samples is None:
             samples = tuning_samples(lm, loaded, quant, progress)
+        progress(f"tune: the float model's targets over {sum(len(ids) for ids in samples)} tokens")
         tuning_targets = float_log_probs(lm, samples)  # from the float decoder, before anything changes it
     smoothing = None
     if quant.smoothing.alpha > 0:
         from exporter.quant.smoothing import smooth_for_quantization
 
+        progress(f"smoothing: calibrating activation ranges (alpha {quant.smoothing.alpha})")
         smoothing = smooth_for_quantization(lm, tokenizer, quant.smoothing)
     if quant.lm_head_split:
         from exporter.decoder import split_lm_head
@@ -122,7 +124,9 @@ def quantize_decoder(lm, loaded, recipe: ExportRecipe, backend: Quantizer, progr
         from exporter.quant.block_search import calibrate
 
         # On the smoothed weights' inputs: those are what the quantized layers will see.
+        progress("scale search: calibration activations of every quantized Linear")
         grams, scale_search = calibrate(lm, tokenizer, quant)
+    progress("quantize: " + ("searching block scales, " if grams else "") + "storing the weights as the target does")
     quantized = backend.quantize(lm, quant, recipe.target.options, grams=grams)
     summary = quantized.summary
     summary.scale_search = scale_search
