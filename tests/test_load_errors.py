@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 from conftest import write_recipe
 
 
@@ -118,3 +119,17 @@ def test_a_truncated_or_foreign_gguf_is_one_line(cli, tmp_path):
     (tmp_path / "fake.gguf").write_bytes(b"PK\x03\x04 not gguf")
     code, _, err = _export(cli, tmp_path, tmp_path / "fake.gguf")
     assert code == 4 and "is not a GGUF file" in err
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_weight_that_is_not_finite_is_refused_naming_it(cli, tmp_path, tiny_checkpoints, bad):
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "diverged"
+    shutil.copytree(tiny_checkpoints["llama"], ckpt)
+    weights = load_file(ckpt / "model.safetensors")
+    weights["model.layers.1.mlp.down_proj.weight"][3, :2] = bad
+    save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+    code, _, err = _export(cli, tmp_path, ckpt)
+    assert code == 4 and "model.layers.1.mlp.down_proj.weight holds 2 NaN or infinite value(s)" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()

@@ -192,3 +192,27 @@ def test_executorch_keeps_projections_apart_when_the_recipe_says_so(lm):
     assert summary["fused"] == {}
     assert all(layer.self_attn.qkv_proj is None and layer.mlp.gate_up_proj is None for layer in lm.model.layers)
     assert "model.layers.1.mlp.up_proj" in summary["rules"][0]["modules"]
+
+
+def test_a_rule_that_matches_no_module_is_warned_about(tiny_checkpoints):
+    """A glob with a typo quantizes nothing: the export says so (a warning line, not an error:
+    a generic recipe may carry a rule for modules some architectures lack)."""
+    import tomllib
+
+    from conftest import quant_rules
+
+    from exporter.backends import get_backend
+    from exporter.load import load_model
+    from exporter.quant import apply
+    from exporter.recipe_io import recipe_from_dict
+
+    rules = tomllib.loads(quant_rules("int8_dynact_int4_weight"))["quant"]["rules"]
+    typo = {"match": "model.layer.*.mlp.*", "kind": "linear", "scheme": "int8_dynact_int8_weight"}
+    recipe = recipe_from_dict({"name": "x", "target": {"name": "onnx"}, "quant": {"rules": [typo, *rules]}})
+    loaded = load_model(str(tiny_checkpoints["llama"]))
+    lm = apply.float_decoder(loaded.model, recipe, get_backend("onnx"))
+    messages = []
+    apply.quantize_decoder(lm, loaded, recipe, get_backend("onnx"), messages.append)
+    warnings = [m for m in messages if m.startswith("warning")]
+    assert warnings == ['warning: quant.rules[0] (match = "model.layer.*.mlp.*", kind = "linear") matched no module '
+                        "and does nothing; `recgpt-export inspect` lists the module names"]

@@ -129,6 +129,10 @@ def quantize_decoder(lm, loaded, recipe: ExportRecipe, backend: Quantizer, progr
     progress("quantize: " + ("searching block scales, " if grams else "") + "storing the weights as the target does")
     quantized = backend.quantize(lm, quant, recipe.target.options, grams=grams)
     summary = quantized.summary
+    for index, match in enumerate(summary.rules):
+        if not match.modules:  # a typo in a glob quantizes nothing, silently, unless said
+            progress(f'warning: quant.rules[{index}] (match = "{match.rule.match}", kind = "{match.rule.kind}") '
+                     "matched no module and does nothing; `recgpt-export inspect` lists the module names")
     summary.scale_search = scale_search
     summary.smoothing = smoothing
     if tuning.steps:
