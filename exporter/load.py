@@ -71,6 +71,11 @@ def resolve_checkpoint(source: str, *, adapter: str | Path | None = None, cache_
                         cache_dir=cache_dir, on_progress=on_progress)
 
 
+def carries_own_adapter(source: str) -> bool:
+    """Whether ``source`` is a builtin that brings its own adapter (merged whenever it loads)."""
+    return source.startswith("builtin:") and source.removeprefix("builtin:") in BUILTIN_ADAPTED
+
+
 def adapter_of(source: str, adapter: str | Path | None) -> Path | None:
     """The adapter merged into ``source``: ``adapter``, or the builtin's own (which it accepts back)."""
     name = source.removeprefix("builtin:") if source.startswith("builtin:") else None

@@ -153,7 +153,7 @@ def verify(folder: Path, *, model: str | None = None, device: str | Device = "ho
     ("builtin" or a JSONL file; default the recipe's task.eval) adds the task section: the
     float model's next queries against the artifact's, on ``sessions`` sessions. ``report_file``:
     the report's name in the folder (`build` keeps one per device)."""
-    from exporter.load import load_model, weights_digest
+    from exporter.load import carries_own_adapter, load_model, weights_digest
     from exporter.parity import (
         check_parity,
         noise_references,
@@ -184,8 +184,10 @@ def verify(folder: Path, *, model: str | None = None, device: str | Device = "ho
     facts = artifact.manifest.model
     timings: dict = {}
     with Stage("load", backend.name, timings, progress):
-        loaded = load_model(model or facts.source, adapter=(facts.adapter or None) if model is None else None,
-                            on_progress=progress)
+        # The manifest's adapter path is where it was merged from, maybe another checkout: a
+        # builtin that carries its own merges it again, and the weights digest below proves it the same.
+        adapter = None if model is not None or carries_own_adapter(facts.source) else (facts.adapter or None)
+        loaded = load_model(model or facts.source, adapter=adapter, on_progress=progress)
         if weights_digest(loaded.checkpoint_dir) != facts.weights_sha256:
             raise ArtifactError(
                 f"the checkpoint {loaded.checkpoint_dir} is not the one {folder} was exported from "

@@ -80,3 +80,15 @@ def test_a_builtin_with_its_own_adapter_accepts_that_adapter_only(tmp_path):
     assert own.is_dir() and (own / "adapter_model.safetensors").is_file()
     with pytest.raises(UsageError, match="already carries its adapter"):
         resolve_checkpoint(f"builtin:{name}", adapter=tmp_path)
+
+
+def test_verify_merges_a_builtins_own_adapter_whatever_path_the_manifest_recorded():
+    """The manifest records the adapter's path where it was first merged (another checkout,
+    another machine); verify of a builtin that carries its own adapter does not pass that
+    path back (a fresh clone's make demo failed on it), and the merged weights' digest still
+    proves the checkpoint the same."""
+    from exporter.load import BUILTIN_ADAPTED, carries_own_adapter
+
+    name = next(iter(BUILTIN_ADAPTED))
+    assert carries_own_adapter(f"builtin:{name}")
+    assert not carries_own_adapter("builtin:smollm2-135m-instruct") and not carries_own_adapter(f"/models/{name}")
