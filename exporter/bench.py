@@ -43,14 +43,13 @@ def prefix_prompts(artifact, count: int) -> list[list[int]]:
     source tokenizer (saved in the folder) encodes them: the ids its prompt prefix is in."""
     if count == 0 or not artifact.manifest.model.prompt_prefix_ids:
         return []
-    from transformers import AutoTokenizer
-
     from exporter.intent.evalset import read_eval_set
     from exporter.intent.prompt import behaviour_prompt_ids
+    from exporter.load import load_tokenizer
     from exporter.recipe_io import recipe_from_dict
 
     task = recipe_from_dict(artifact.manifest.recipe).task
-    tokenizer = AutoTokenizer.from_pretrained(artifact.path)
+    tokenizer = load_tokenizer(artifact.path)
     return behaviour_prompt_ids(read_eval_set(task.eval or "builtin")[:count], task, tokenizer,
                                 fits=artifact.manifest.model.max_seq_len - 1)
 

@@ -78,9 +78,8 @@ def carries_own_adapter(source: str) -> bool:
 
 def adapter_of(source: str, adapter: str | Path | None) -> Path | None:
     """The adapter merged into ``source``: ``adapter``, or the builtin's own (which it accepts back)."""
-    name = source.removeprefix("builtin:") if source.startswith("builtin:") else None
-    if name in BUILTIN_ADAPTED:
-        own = BUILTIN_ADAPTED[name][1]
+    if carries_own_adapter(source):
+        own = BUILTIN_ADAPTED[source.removeprefix("builtin:")][1]
         if adapter and Path(adapter).resolve() != own.resolve():  # its own: a manifest records it
             raise UsageError(f"{source} already carries its adapter", hint="pass its base with --adapter instead")
         return own

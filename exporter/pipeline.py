@@ -284,13 +284,12 @@ def generate(folder: Path, prompt: str | None = None, *, behaviours: Sequence[st
     facts = artifact.manifest.model
     stop_ids = set(facts.eos_ids)
     if behaviours:
-        from transformers import AutoTokenizer
-
         from exporter.intent.prompt import behaviour_prompt_ids
         from exporter.intent.task import task_stop_ids
+        from exporter.load import load_tokenizer
 
         task = recipe_of(artifact).task
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))  # the shipped files, with their chat template
+        tokenizer = load_tokenizer(artifact.path)  # the shipped files, with their chat template
         ids = behaviour_prompt_ids([{"behaviours": [_behaviour(b) for b in behaviours]}], task, tokenizer)[0]
         stop_ids, max_new_tokens = task_stop_ids(tokenizer, facts), task.max_new_tokens
     elif prompt:

@@ -47,18 +47,17 @@ class StoredScales:
         if isinstance(module, nn.Linear) and getattr(stored, "activation_quantization", None) is not None:
             self._hook = module.register_forward_pre_hook(_straight_through_activations)
 
+    def _stored_form(self, scales: torch.Tensor) -> torch.Tensor:
+        return scales.to(torch.bfloat16).float() if self._bf16 else scales
+
     def scales(self) -> torch.Tensor:
         scales = self._scales * torch.exp(self.log_factor)
-        if self._bf16:
-            # What XNNPACK will store; the gradient passes the rounding as if it were not there.
-            scales = scales + (scales.to(torch.bfloat16).float() - scales).detach()
-        return scales
+        # What XNNPACK will store; the gradient passes the rounding as if it were not there.
+        return scales + (self._stored_form(scales) - scales).detach()
 
     def finish(self) -> None:
         with torch.no_grad():
-            scales = self._scales * torch.exp(self.log_factor)
-            if self._bf16:
-                scales = scales.to(torch.bfloat16).float()
+            scales = self._stored_form(self._scales * torch.exp(self.log_factor))
             self._stored.scale.copy_(scales.reshape(self._stored.scale.shape).to(self._stored.scale.dtype))
         if self._hook is not None:
             self._hook.remove()
