@@ -256,9 +256,9 @@ class TransformersRunner(SequenceScorer):
         with torch.no_grad():
             out = self.model(
                 input_ids=torch.tensor([tokens], dtype=torch.long),
-                past_key_values=self._cache, use_cache=True, logits_to_keep=1,
+                cache=self._cache, use_cache=True, logits_to_keep=1,
             )
-        self._cache = out.past_key_values
+        self._cache = out.cache
         self._pos += len(tokens)
         return out.logits[0, -1].float().numpy()
 
